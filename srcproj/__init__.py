@@ -1,0 +1,40 @@
+"""srcproj: training data attribution with SOURCE in a random-projection space."""
+
+__version__ = "0.1.0"
+
+from .attributor import Attributor, FeaturizeReport
+from .errors import (
+    CheckpointMismatchError,
+    ConfigurationError,
+    DataError,
+    NonFiniteGradientError,
+    SrcprojError,
+    StoreError,
+    StoreMismatchError,
+)
+from .projection import FastJLProjector, MatrixProjector, Projector, RademacherProjector
+from .scoring import TopK
+from .tasks import ClassificationTask, RegressionTask, Task
+from .trajectory import Segment, Trajectory
+
+__all__ = [
+    "Attributor",
+    "FeaturizeReport",
+    "Segment",
+    "Trajectory",
+    "Task",
+    "ClassificationTask",
+    "RegressionTask",
+    "Projector",
+    "RademacherProjector",
+    "MatrixProjector",
+    "FastJLProjector",
+    "TopK",
+    "SrcprojError",
+    "ConfigurationError",
+    "DataError",
+    "CheckpointMismatchError",
+    "NonFiniteGradientError",
+    "StoreError",
+    "StoreMismatchError",
+]

@@ -1,0 +1,211 @@
+"""The on-disk store: a zarr v3 group holding everything SOURCE computes.
+
+Layout (``c`` a checkpoint in training order, ``l`` a segment)::
+
+    zarr.json                      metadata (written once, checked on every reopen)
+    features/ckpt_{c}              (N_l, k) training features, float16 by default
+    features/ckpt_{c}_done         (n_chunks,) which row chunks are durably written
+    hessians/ckpt_{c}              (k, k) float64 projected Gauss-Newton Hessian
+    hessians/done                  (n_checkpoints,)
+    segments/seg_{l}/eigenvalues   (k,) of the segment's mean Hessian + wd·I
+    segments/seg_{l}/eigenvectors  (k, k)
+    segments/done                  (n_segments,)
+    caches/seg_{l}                 (N_l, k) Ḡ_l W_lᵀ, float32 (float64 with float64 features)
+    caches/seg_{l}_done            (n_chunks,)
+
+A unit of work is written first and marked done after, each marker in its own zarr
+chunk, so an interrupted job leaves either a finished unit or one that is redone. On a
+local file system the chunk file is fsync'ed before its marker is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from .errors import StoreError, StoreMismatchError
+
+__all__ = ["AttributionStore"]
+
+FORMAT_VERSION = 1
+_UNCHECKED = {"library_version", "created"}
+
+
+def _compressors() -> list:
+    # Checksums after compression: a flipped byte on disk fails loudly on read.
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec()]
+
+
+def _differences(stored: Any, wanted: Any, path: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        out: list[str] = []
+        for key in sorted(set(stored) | set(wanted)):
+            if key in _UNCHECKED and not path:
+                continue
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in stored or key not in wanted:
+                out.append(f"{sub}: {'absent' if key not in stored else stored[key]!r} in the store, "
+                           f"{'absent' if key not in wanted else wanted[key]!r} now")
+            else:
+                out.extend(_differences(stored[key], wanted[key], sub))
+        return out
+    if isinstance(stored, list) and isinstance(wanted, list):
+        if len(stored) != len(wanted):
+            return [f"{path}: {len(stored)} entries in the store, {len(wanted)} now"]
+        out = []
+        for i, (a, b) in enumerate(zip(stored, wanted)):
+            out.extend(_differences(a, b, f"{path}[{i}]"))
+        return out
+    if isinstance(stored, float) or isinstance(wanted, float):
+        try:
+            if np.isclose(float(stored), float(wanted), rtol=1e-12, atol=0):
+                return []
+        except (TypeError, ValueError):
+            pass
+    return [] if stored == wanted else [f"{path}: {stored!r} in the store, {wanted!r} now"]
+
+
+class AttributionStore:
+    """A srcproj store opened for reading and writing.
+
+    Use :meth:`open` (create or check against metadata) or :meth:`read` (open an
+    existing store without a model, e.g. for ``srcproj info``).
+    """
+
+    def __init__(self, group: zarr.Group, location: str, local_root: str | None) -> None:
+        self.group = group
+        self.location = location
+        self._local_root = local_root
+        self.metadata: dict = dict(group.attrs["srcproj"])
+
+    # ------------------------------------------------------------------ opening
+    @staticmethod
+    def _local_path(location: Any) -> str | None:
+        if isinstance(location, (str, os.PathLike)):
+            text = os.fspath(location)
+            if "://" not in text:
+                return os.path.abspath(text)
+            if text.startswith("file://"):
+                return os.path.abspath(text[len("file://"):])
+        return None
+
+    @classmethod
+    def open(cls, location: Any, metadata: dict) -> "AttributionStore":
+        """Open ``location``, creating the store if absent; refuse one made for other inputs."""
+        local = cls._local_path(location)
+        if local is not None and os.path.isfile(local):
+            raise StoreError(f"store path {local!r} is a file; give a directory path (e.g. 'run.zarr')")
+        if local is not None and os.path.isdir(local) and os.listdir(local) and not os.path.exists(
+            os.path.join(local, "zarr.json")
+        ):
+            raise StoreError(
+                f"{local!r} is a non-empty directory that is not a zarr store; choose another path"
+            )
+        try:
+            group = zarr.open_group(location, mode="a", zarr_format=3)
+        except Exception as exc:  # zarr raises several types for unusable locations
+            raise StoreError(f"cannot open a zarr store at {location!r}: {exc}") from exc
+        full = {"format": FORMAT_VERSION, **metadata}
+        if "srcproj" not in group.attrs:
+            if len(list(group.keys())):
+                raise StoreError(f"{location!r} is a zarr store that srcproj did not make; choose another path")
+            group.attrs["srcproj"] = json.loads(json.dumps(full))
+        else:
+            stored = dict(group.attrs["srcproj"])
+            diffs = _differences(stored, json.loads(json.dumps(full)))
+            if diffs:
+                shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+                raise StoreMismatchError(
+                    f"the store at {location!r} was made for other inputs ({shown}). Use a new store "
+                    "path, or delete this one to recompute"
+                )
+        return cls(group, str(location), local)
+
+    @classmethod
+    def read(cls, location: Any) -> "AttributionStore":
+        """Open an existing store without checking it against a model."""
+        local = cls._local_path(location)
+        if local is not None and not os.path.isdir(local):
+            raise StoreError(f"no store at {local!r}")
+        try:
+            group = zarr.open_group(location, mode="r+", zarr_format=3)
+        except Exception as exc:
+            raise StoreError(f"cannot open a zarr store at {location!r}: {exc}") from exc
+        if "srcproj" not in group.attrs:
+            raise StoreError(f"{location!r} is not a srcproj store (no srcproj metadata)")
+        return cls(group, str(location), local)
+
+    # ------------------------------------------------------------------ arrays
+    def array(self, name: str, shape: tuple, dtype: str, chunks: tuple | None = None,
+              compressed: bool = True) -> zarr.Array:
+        """The array ``name``, created if absent (creation is idempotent)."""
+        if name in self.group:
+            found = self.group[name]
+            if tuple(found.shape) != tuple(shape) or str(found.dtype) != str(np.dtype(dtype)):
+                raise StoreError(
+                    f"array {name!r} in the store has shape {found.shape} and dtype {found.dtype}, "
+                    f"expected {shape} and {dtype}: the store is damaged; delete it to recompute"
+                )
+            return found
+        return self.group.create_array(
+            name,
+            shape=shape,
+            chunks=chunks or shape,
+            dtype=dtype,
+            compressors=_compressors() if compressed else None,
+            fill_value=0,
+        )
+
+    def flags(self, name: str, count: int) -> zarr.Array:
+        """A boolean marker array, one zarr chunk per flag so that flags never race."""
+        return self.array(name, (count,), "bool", chunks=(1,), compressed=False)
+
+    def has(self, name: str) -> bool:
+        return name in self.group
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows of an array, with an error that names the array and chunk if it is corrupt."""
+        array = self.group[name]
+        try:
+            return array[start:stop]
+        except Exception as exc:
+            chunk = start // array.chunks[0]
+            raise StoreError(
+                f"array {name!r}, chunk {chunk} (rows {start}..{stop - 1}) of {self.location!r} "
+                f"cannot be read: {exc}. The file is damaged; delete this array's chunk file "
+                "and the matching _done flag to recompute it"
+            ) from exc
+
+    def read_all(self, name: str) -> np.ndarray:
+        return self.read_rows(name, 0, self.group[name].shape[0])
+
+    def write_durably(self, array: zarr.Array, selection: slice | int, value: np.ndarray) -> None:
+        """Write, then fsync the chunk files on a local file system."""
+        array[selection] = value
+        if self._local_root is None:
+            return
+        start = selection.start if isinstance(selection, slice) else selection
+        index = start // array.chunks[0]
+        chunk_dir = os.path.join(self._local_root, *array.path.split("/"), "c")
+        path = os.path.join(chunk_dir, str(index), *(["0"] * (array.ndim - 1)))
+        for target in (path, os.path.dirname(path)):
+            if os.path.exists(target):
+                fd = os.open(target, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    def nbytes_stored(self) -> int:
+        """Bytes on disk (local stores only; 0 elsewhere)."""
+        if self._local_root is None:
+            return 0
+        total = 0
+        for root, _, files in os.walk(self._local_root):
+            total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        return total

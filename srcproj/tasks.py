@@ -1,0 +1,152 @@
+"""Tasks: what the model was trained to minimise and what a query measures.
+
+A :class:`Task` is the only model-specific code a user writes. It maps a batch of model
+outputs to per-example losses and measurements; it gives the curvature of the loss in
+output space (for the ``exact`` Gauss-Newton estimator) and samples labels from the
+model's predictive distribution (for the ``fisher`` one).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import ConfigurationError, DataError
+
+__all__ = ["Task", "ClassificationTask", "RegressionTask"]
+
+
+class Task(ABC):
+    """Base class to subclass for a custom model.
+
+    Methods receive batched ``outputs`` of shape ``(B, C)`` and ``targets`` as the data
+    set yields them (stacked along the first dimension). ``loss`` and ``measurement``
+    are traced by :mod:`torch.func` per example, so they must be written with batched
+    tensor operations only (no ``.item()``, no Python branching on values).
+    """
+
+    name: str = "task"
+
+    @abstractmethod
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-example training loss, shape ``(B,)``.
+
+        It must be exactly the loss the model was trained on (mean over the batch in
+        training): a factor of 2 changes SOURCE's time scale ``a * lambda``.
+        """
+
+    @abstractmethod
+    def measurement(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-example query measurement, shape ``(B,)``, oriented higher = better."""
+
+    def output_hessian(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Hessian of the per-example loss in the outputs, shape ``(B, C, C)``.
+
+        It is the factor Lambda of the Gauss-Newton matrix ``J^T Lambda J`` used by the
+        ``exact`` estimator; it must be positive semi-definite.
+        """
+        raise ConfigurationError(
+            f"{type(self).__name__} has no output_hessian(); implement it or use "
+            "hessian='fisher' or hessian='empirical'"
+        )
+
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator) -> Tensor:
+        """Targets drawn from the model's predictive distribution (``fisher`` estimator)."""
+        raise ConfigurationError(
+            f"{type(self).__name__} has no sample_targets(); implement it or use "
+            "hessian='exact' or hessian='empirical'"
+        )
+
+    def validate_targets(self, targets: Tensor, num_outputs: int, what: str) -> None:
+        """Raise :class:`DataError` when ``targets`` cannot belong to this task."""
+
+    def describe(self) -> dict:
+        """A JSON-able description recorded in the store (a mismatch is refused on reopen)."""
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}"}
+
+
+class ClassificationTask(Task):
+    """Softmax classification trained with cross-entropy.
+
+    The measurement is the margin ``logit_y - logsumexp(other logits)``, the quantity
+    TRAK and the SOURCE paper attribute.
+    """
+
+    name = "classification"
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs, targets, reduction="none")
+
+    def measurement(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        classes = torch.arange(outputs.shape[-1], device=outputs.device)
+        is_label = classes == targets.unsqueeze(-1)
+        correct = (outputs * is_label).sum(-1)
+        others = outputs.masked_fill(is_label, float("-inf")).logsumexp(-1)
+        return correct - others
+
+    def output_hessian(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        probs = torch.softmax(outputs, dim=-1)
+        return torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator) -> Tensor:
+        probs = torch.softmax(outputs.detach().to(torch.float64), dim=-1).cpu()
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(outputs.device)
+
+    def validate_targets(self, targets: Tensor, num_outputs: int, what: str) -> None:
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            raise DataError(
+                f"{what} has labels of dtype {targets.dtype}; ClassificationTask needs "
+                "integer class indices (e.g. y.long())"
+            )
+        if targets.ndim != 1:
+            raise DataError(
+                f"{what} has labels of shape {tuple(targets.shape)}; ClassificationTask "
+                "needs one class index per example"
+            )
+        bad = (targets < 0) | (targets >= num_outputs)
+        if bool(bad.any()):
+            first = int(torch.nonzero(bad)[0, 0])
+            raise DataError(
+                f"{what}: label {int(targets[first])} of example {first} is outside the "
+                f"model's {num_outputs} classes (valid labels are 0..{num_outputs - 1})"
+            )
+
+
+class RegressionTask(Task):
+    """Regression trained with the loss ``0.5 * ||f - y||^2`` per example.
+
+    With that loss the output-space Hessian is the identity. The measurement is
+    ``-||f - y||`` (the negative absolute error for one output).
+    """
+
+    name = "regression"
+
+    def _residual(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return outputs - targets.reshape(outputs.shape).to(outputs.dtype)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return 0.5 * self._residual(outputs, targets).pow(2).flatten(1).sum(-1)
+
+    def measurement(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return -self._residual(outputs, targets).flatten(1).norm(dim=-1)
+
+    def output_hessian(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        batch, dim = outputs.shape[0], outputs[0].numel()
+        eye = torch.eye(dim, dtype=outputs.dtype, device=outputs.device)
+        return eye.expand(batch, dim, dim)
+
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator) -> Tensor:
+        noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype)
+        return outputs.detach() + noise.to(outputs.device)
+
+    def validate_targets(self, targets: Tensor, num_outputs: int, what: str) -> None:
+        if targets.numel() != targets.shape[0] * num_outputs:
+            raise DataError(
+                f"{what} has targets of shape {tuple(targets.shape)} but the model has "
+                f"{num_outputs} outputs per example"
+            )
+        if not bool(torch.isfinite(targets.to(torch.float64)).all()):
+            raise DataError(f"{what} has NaN or inf targets")
