@@ -1,0 +1,88 @@
+"""Full-parameter-space SOURCE, computed the slow, explicit way, for the exactness tests.
+
+Nothing here uses srcproj: per-example gradients come from plain autograd one example
+at a time, Gauss-Newton matrices from explicit Jacobians, matrix functions from
+``scipy.linalg.expm`` and a linear solve.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch.func import functional_call
+
+
+def flat_params(state: dict, names: list[str]) -> torch.Tensor:
+    return torch.cat([state[n].reshape(-1) for n in names]).to(torch.float64)
+
+
+def _unflatten(vector: torch.Tensor, state: dict, names: list[str]) -> dict:
+    out, offset = dict(state), 0
+    for n in names:
+        size = state[n].numel()
+        out[n] = vector[offset : offset + size].reshape(state[n].shape)
+        offset += size
+    return out
+
+
+def per_example_gradients(model, state, names, fn, X, y) -> np.ndarray:
+    """Rows ∇θ fn(model(x_i), y_i), one autograd call per example."""
+    rows = []
+    for i in range(X.shape[0]):
+        theta = flat_params(state, names).clone().requires_grad_(True)
+        out = functional_call(model, _unflatten(theta, state, names), (X[i : i + 1],))
+        value = fn(out, y[i : i + 1]).sum()
+        (g,) = torch.autograd.grad(value, theta)
+        rows.append(g.detach().numpy())
+    return np.stack(rows)
+
+
+def gauss_newton(model, state, names, task, X, y) -> np.ndarray:
+    """(1/n) Σ_i J_iᵀ Λ_i J_i with explicit per-example Jacobians."""
+    theta0 = flat_params(state, names)
+    total = np.zeros((theta0.numel(), theta0.numel()))
+    for i in range(X.shape[0]):
+        def outputs(theta):
+            return functional_call(model, _unflatten(theta, state, names), (X[i : i + 1],)).reshape(-1)
+
+        jac = torch.autograd.functional.jacobian(outputs, theta0).numpy()  # (C, p)
+        with torch.no_grad():
+            out = outputs(theta0).reshape(1, -1)
+        lam = task.output_hessian(out, y[i : i + 1])[0].numpy()
+        total += jac.T @ lam @ jac
+    return total / X.shape[0]
+
+
+def segment_matrices(hessian: np.ndarray, time: float) -> tuple[np.ndarray, np.ndarray]:
+    """S = expm(-aH), F = (I - S) H⁻¹ (H must be invertible: weight decay > 0)."""
+    forget = scipy.linalg.expm(-time * hessian)
+    accumulate = np.linalg.solve(hessian.T, (np.eye(len(hessian)) - forget).T).T
+    return forget, accumulate
+
+
+def source_scores(model, task, segments, weight_decay, momentum, query, selected) -> np.ndarray:
+    """-ψᵀ Σ_ℓ S_L⋯S_{ℓ+1} F_ℓ ḡ_ℓ / N_ℓ in full parameter space.
+
+    ``segments``: list of dicts with ``states`` (checkpoints), ``time_lr`` (Σ lr),
+    ``X``, ``y``; ``selected``: the segments whose terms are summed.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    final = segments[-1]["states"][-1]
+    Xq, yq = query
+    psi = per_example_gradients(model, final, names, task.measurement, Xq, yq)
+    forgets, terms = [], []
+    for seg in segments:
+        hessian = np.mean([gauss_newton(model, s, names, task, seg["X"], seg["y"]) for s in seg["states"]], axis=0)
+        hessian = hessian + weight_decay * np.eye(len(hessian))
+        forget, accumulate = segment_matrices(hessian, seg["time_lr"] / (1 - momentum))
+        gbar = np.mean([per_example_gradients(model, s, names, task.loss, seg["X"], seg["y"]) for s in seg["states"]], axis=0)
+        forgets.append(forget)
+        terms.append(accumulate @ gbar.T / seg["X"].shape[0])  # (p, N)
+    delta = 0.0
+    for index in selected:
+        later = np.eye(forgets[0].shape[0])
+        for j in range(len(segments) - 1, index, -1):
+            later = later @ forgets[j]
+        delta = delta + later @ terms[index]
+    return -psi @ delta
