@@ -123,6 +123,7 @@ class Attributor:
         self.cache_dtype = "float64" if feature_dtype == "float64" else "float32"
         self.chunk_size = chunk_size
         self.fisher_samples = fisher_samples
+        self._final: tuple[dict, dict] | None = None
 
         self.sources = [
             ExampleSource(seg.data, f"segment {i}'s data") for i, seg in enumerate(trajectory.segments)
@@ -313,8 +314,11 @@ class Attributor:
             return empirical_hessian(blocks, self.proj_dim)
         accumulator = HessianAccumulator(self.proj_dim)
         generator = torch.Generator().manual_seed(int(self.store.metadata["projector"].get("seed", 0)) * 7919 + index)
-        # The exact estimator holds C Jacobian rows per example: shrink the batch to match.
-        step = max(1, batch_size // self.num_outputs) if self.hessian == "exact" else batch_size
+        step = batch_size
+        if self.hessian == "exact":
+            # The exact estimator holds C Jacobian rows per example: cap that at ~256 MiB.
+            row_bytes = self.num_outputs * self.computer.num_params * 8
+            step = max(1, min(batch_size, (256 << 20) // row_bytes))
         for lo in range(0, len(source), step):
             hi = min(lo + step, len(source))
             x, y = source.rows(lo, hi)
@@ -427,9 +431,14 @@ class Attributor:
         self.task.validate_targets(source.all_targets(), self.num_outputs, source.what)
         return self._measurement_features(source, 0, len(source), batch_size)
 
+    def _final_parameters(self) -> tuple[dict, dict]:
+        if self._final is None:
+            self._final = self.computer.split(self._load(len(self.checkpoints) - 1), self.device)
+        return self._final
+
     def _measurement_features(self, source: ExampleSource, start: int, stop: int, batch_size: int) -> np.ndarray:
         final = len(self.checkpoints) - 1
-        trainable, fixed = self.computer.split(self._load(final), self.device)
+        trainable, fixed = self._final_parameters()
         with self.computer.evaluating():
             rows = self._features(self.computer.measurement_grads, trainable, fixed, source, start, stop,
                                   batch_size, f"final checkpoint {final}")
