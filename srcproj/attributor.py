@@ -225,7 +225,11 @@ class Attributor:
         for lo in range(start, stop, batch_size):
             hi = min(lo + batch_size, stop)
             x, y = source.rows(lo, hi)
-            features = self.projector.project(computer_fn(trainable, fixed, x, y))
+            try:
+                grads = computer_fn(trainable, fixed, x, y)
+            except DataError as exc:  # name the data set, as _probe_outputs does
+                raise DataError(f"{source.what}, examples {lo}..{hi - 1}: {exc}") from None
+            features = self.projector.project(grads)
             finite = torch.isfinite(features).all(dim=1)
             if not bool(finite.all()):
                 first = lo + int(torch.nonzero(~finite)[0, 0])

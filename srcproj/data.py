@@ -85,7 +85,13 @@ class ExampleSource:
                 f"{self.what}: item {start} is a {type(first).__name__}, not an (x, y) pair; "
                 "wrap the data set so that it yields (input, target)"
             )
-        inputs, targets = default_collate(items)
+        try:
+            inputs, targets = default_collate(items)
+        except (RuntimeError, TypeError) as exc:
+            raise DataError(
+                f"{self.what}: examples {start}..{stop - 1} cannot be stacked into a batch ({exc}); "
+                "every example must have the same input shape and target type"
+            ) from None
         return _as_tensor(inputs, f"{self.what}: x"), _as_tensor(targets, f"{self.what}: y")
 
     def all_targets(self) -> Tensor:
