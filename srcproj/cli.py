@@ -1,0 +1,292 @@
+"""The ``srcproj`` command line: ``srcproj demo`` and ``srcproj info STORE``.
+
+Errors srcproj raises on purpose (:class:`~srcproj.errors.SrcprojError`) are printed
+as one line, ``srcproj: error: ...``, with exit status 2: they are the user's to fix
+and a traceback would only hide the message. Anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import __version__
+from .demo import format_bytes
+from .errors import SrcprojError, StoreMismatchError
+
+if TYPE_CHECKING:
+    from .store import AttributionStore
+
+__all__ = ["main", "store_summary"]
+
+_PROG = "srcproj"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Training data attribution with SOURCE in a random-projection space.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a small MLP on scikit-learn's digits and attribute its test predictions",
+        description="Train a small MLP on the digits data set (bundled with scikit-learn, nothing "
+        "is downloaded), featurize it with SOURCE, print the most helpful and harmful training "
+        "examples of a few test digits and a timing summary. Rerunning with the same store "
+        "resumes it.",
+    )
+    demo.add_argument("--store", default="srcproj-demo.zarr", metavar="PATH",
+                      help="attribution store directory (default: %(default)s)")
+    demo.add_argument("--proj-dim", type=_positive_int, default=256, metavar="K",
+                      help="projected dimension k (default: %(default)s)")
+    demo.add_argument("--fresh", action="store_true",
+                      help="delete the store first (only a srcproj store is ever deleted)")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                      help="torch CPU threads (default: torch's own choice); 1 is often faster "
+                      "for this small model on a busy machine")
+    demo.set_defaults(handler=_run_demo)
+
+    info = commands.add_parser(
+        "info",
+        help="describe a store: its inputs, what is computed, its size",
+        description="Print a store's metadata (projection, model, Hessian estimator, segments), "
+        "which units of work are done, and its size on disk. Reads only.",
+    )
+    info.add_argument("store", metavar="STORE", help="path of the store")
+    info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    info.set_defaults(handler=_run_info)
+    return parser
+
+
+# ---------------------------------------------------------------------- demo
+def _run_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .demo import remove_store, run_demo
+
+    if args.fresh and remove_store(args.store):
+        print(f"removed the previous store {args.store}")
+    # main() is the process owner here, unlike library code, so it may set torch's
+    # thread count; it restores it because tests call main() in-process.
+    previous = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        run_demo(args.store, proj_dim=args.proj_dim, progress=not args.no_progress)
+    except StoreMismatchError as exc:
+        # Training rounds differently under another torch build or thread count, and
+        # the store checks checkpoints bit for bit: say how to start over.
+        raise StoreMismatchError(
+            f"{exc}; `srcproj demo --fresh` deletes it (a demo store resumes only with the "
+            "same --proj-dim, torch build and thread count)"
+        ) from exc
+    finally:
+        torch.set_num_threads(previous)
+    return 0
+
+
+# ---------------------------------------------------------------------- info
+def _flags(store: AttributionStore, name: str, count: int) -> np.ndarray:
+    """Done flags of ``name``; an array never created means nothing of it is done."""
+    if not store.has(name):
+        return np.zeros(count, dtype=bool)
+    flags = np.asarray(store.read_all(name), dtype=bool)
+    # A flag array shorter than expected is as good as absent for the missing units.
+    return np.pad(flags[:count], (0, max(0, count - flags.shape[0])))
+
+
+def store_summary(store: AttributionStore) -> dict:
+    """Metadata and completion state of an opened :class:`~srcproj.store.AttributionStore`.
+
+    Completion is read from the ``*_done`` flag arrays, the same markers that
+    :meth:`Attributor.featurize` resumes from.
+    """
+    meta = store.metadata
+    chunk = int(meta.get("chunk_size", 1024))
+    segments = meta.get("segments", [])
+    summary_segments = []
+    feature_chunks = [0, 0]
+    checkpoints_done = [0, 0]
+    cache_chunks = [0, 0]
+    caches_done = [0, 0]
+    checkpoint = 0
+    for seg, info in enumerate(segments):
+        examples = int(info.get("num_examples", 0))
+        chunks = math.ceil(examples / chunk) if examples else 0
+        members = len(info.get("checkpoints", []))
+        for _ in range(members):
+            done = int(_flags(store, f"features/ckpt_{checkpoint}_done", chunks).sum())
+            feature_chunks[0] += done
+            feature_chunks[1] += chunks
+            checkpoints_done[0] += done == chunks
+            checkpoints_done[1] += 1
+            checkpoint += 1
+        done = int(_flags(store, f"caches/seg_{seg}_done", chunks).sum())
+        cache_chunks[0] += done
+        cache_chunks[1] += chunks
+        caches_done[0] += done == chunks
+        caches_done[1] += 1
+        summary_segments.append({
+            "index": seg,
+            "steps": info.get("steps"),
+            "total_lr": info.get("total_lr"),
+            "time": info.get("time"),
+            "num_examples": examples,
+            "num_checkpoints": members,
+            "data_group": info.get("data_group", seg),
+        })
+    hessians = int(_flags(store, "hessians/done", checkpoint).sum())
+    spectra = int(_flags(store, "segments/done", len(segments)).sum())
+    complete = bool(segments) and caches_done[0] == caches_done[1]
+    return {
+        "location": store.location,
+        "format": meta.get("format"),
+        "library_version": meta.get("library_version"),
+        "projector": meta.get("projector"),
+        "proj_dim": meta.get("proj_dim"),
+        "num_params": meta.get("num_params"),
+        "param_names": meta.get("param_names", []),
+        "task": meta.get("task"),
+        "num_outputs": meta.get("num_outputs"),
+        "hessian": meta.get("hessian"),
+        "fisher_samples": meta.get("fisher_samples"),
+        "feature_dtype": meta.get("feature_dtype"),
+        "chunk_size": chunk,
+        "momentum": meta.get("momentum"),
+        "weight_decay": meta.get("weight_decay"),
+        "segments": summary_segments,
+        "completion": {
+            "features": {"checkpoints": checkpoints_done, "chunks": feature_chunks},
+            "hessians": [hessians, checkpoint],
+            "spectra": [spectra, len(segments)],
+            "caches": {"segments": caches_done, "chunks": cache_chunks},
+            "complete": complete,
+        },
+        # A local store always holds its zarr.json, so 0 means "not a local store".
+        "bytes_on_disk": store.nbytes_stored() or None,
+    }
+
+
+def _describe_projector(projector: Any) -> str:
+    if not isinstance(projector, dict):
+        return str(projector)
+    kind = projector.get("kind", "?")
+    details = ", ".join(f"{k} {v}" for k, v in projector.items() if k not in ("kind", "proj_dim"))
+    return f"{kind} ({details})" if details else str(kind)
+
+
+def _fraction(pair: Sequence[int]) -> str:
+    done, total = pair
+    return f"{done}/{total}"
+
+
+def _number(value: Any) -> str:
+    # Stores written by another version may lack a field: show "?" rather than fail.
+    return f"{value:.4g}" if isinstance(value, (int, float)) else "?"
+
+
+def _print_info(summary: dict) -> None:
+    task = summary["task"] or {}
+    hessian = summary["hessian"]
+    if hessian == "fisher" and summary.get("fisher_samples"):
+        hessian = f"fisher ({summary['fisher_samples']} sampled label(s) per example)"
+    rows = [
+        ("store", summary["location"]),
+        ("format", f"{summary['format']} (written by srcproj {summary['library_version']})"),
+        ("projector", _describe_projector(summary["projector"])),
+        ("k", f"{summary['proj_dim']}"),
+        ("params", f"{summary['num_params']:,} in {len(summary['param_names'])} tensors"
+         if isinstance(summary["num_params"], int) else str(summary["num_params"])),
+        ("task", f"{task.get('class', task)}, {summary['num_outputs']} outputs"),
+        ("hessian", f"{hessian} Gauss-Newton"),
+        ("features", f"{summary['feature_dtype']}, chunks of {summary['chunk_size']:,} examples"),
+        ("optimizer", f"SGD, momentum {summary['momentum']}, weight decay {summary['weight_decay']}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+    print(f"segments ({len(summary['segments'])})")
+    print(f"  {'#':>3} {'steps':>7} {'sum lr':>9} {'time a':>9} {'examples':>9} {'checkpoints':>11}  data")
+    for seg in summary["segments"]:
+        data = "own" if seg["data_group"] == seg["index"] else f"same as segment {seg['data_group']}"
+        print(f"  {seg['index']:>3} {_number(seg['steps']):>7} {_number(seg['total_lr']):>9} "
+              f"{_number(seg['time']):>9} {seg['num_examples']:>9,} {seg['num_checkpoints']:>11}  {data}")
+
+    done = summary["completion"]
+    print("completion")
+    print(f"  features  {_fraction(done['features']['checkpoints'])} checkpoints "
+          f"({_fraction(done['features']['chunks'])} chunks)")
+    print(f"  hessians  {_fraction(done['hessians'])} checkpoints")
+    print(f"  spectra   {_fraction(done['spectra'])} segments")
+    print(f"  caches    {_fraction(done['caches']['segments'])} segments "
+          f"({_fraction(done['caches']['chunks'])} chunks)")
+    state = ("complete: ready to score" if done["complete"]
+             else "incomplete: run Attributor.featurize() to finish (it resumes)")
+    print(f"  state     {state}")
+    size = summary["bytes_on_disk"]
+    print(f"on disk   {f'{format_bytes(size)} ({size:,} bytes)' if size else 'unknown (not a local store)'}")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from .store import AttributionStore
+
+    summary = store_summary(AttributionStore.read(args.store))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_info(summary)
+    return 0
+
+
+# ---------------------------------------------------------------------- entry
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``srcproj`` command line; return the exit status.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success, 2 for a usage error or an error srcproj reports, 130 when
+        interrupted.
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits for --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    try:
+        return args.handler(args)
+    except SrcprojError as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{_PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # A store keeps every finished unit, so stopping is safe; say so.
+        print(f"{_PROG}: interrupted (a store resumes where it stopped)", file=sys.stderr)
+        return 130
