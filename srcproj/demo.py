@@ -289,9 +289,7 @@ def run_demo(
         f"{', '.join(map(str, marks))}); k = {attr.proj_dim}, {attr.hessian} Gauss-Newton Hessian; "
         f"store {os.fspath(store)}")
 
-    # Larger batches than the default 64: the exact Hessian splits a batch across the
-    # 10 outputs, and on this small model per-call overhead dominates small batches.
-    report = attr.featurize(batch_size=256, progress=progress)
+    report = attr.featurize(progress=progress)
     computed = report.feature_chunks_computed + report.hessians_computed + report.cache_chunks_computed
     resumed = computed == 0
     if resumed:
