@@ -105,6 +105,13 @@ class ExampleSource:
         """A content hash of a few evenly spaced examples (cheap, catches swapped data)."""
         digest = hashlib.blake2b(digest_size=12)
         digest.update(str(len(self)).encode())
+        if self._tensors is not None:
+            # In-memory tensors are hashed whole: one changed example must be noticed.
+            for t in self._tensors:
+                t = t.detach().cpu().contiguous()
+                digest.update(str((tuple(t.shape), str(t.dtype))).encode())
+                digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            return digest.hexdigest()
         for index in np.unique(np.linspace(0, len(self) - 1, samples).astype(int)):
             x, y = self.rows(int(index), int(index) + 1)
             for t in (x, y):

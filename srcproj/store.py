@@ -133,7 +133,7 @@ class AttributionStore:
         if local is not None and not os.path.isdir(local):
             raise StoreError(f"no store at {local!r}")
         try:
-            group = zarr.open_group(location, mode="r+", zarr_format=3)
+            group = zarr.open_group(location, mode="r", zarr_format=3)
         except Exception as exc:
             raise StoreError(f"cannot open a zarr store at {location!r}: {exc}") from exc
         if "srcproj" not in group.attrs:

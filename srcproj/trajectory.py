@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
@@ -40,6 +41,8 @@ class Segment:
     data: Any
 
     def __post_init__(self) -> None:
+        if isinstance(self.steps, numbers.Integral) and not isinstance(self.steps, bool):
+            self.steps = int(self.steps)
         if isinstance(self.checkpoints, (str, os.PathLike, Mapping)):
             self.checkpoints = [self.checkpoints]
         self.checkpoints = list(self.checkpoints)
@@ -47,7 +50,7 @@ class Segment:
     @property
     def total_lr(self) -> float:
         """Sum of the learning rates over the segment's steps (mean rate times steps)."""
-        if isinstance(self.lr, (int, float)):
+        if isinstance(self.lr, numbers.Real):
             return float(self.lr) * self.steps
         return float(sum(float(v) for v in self.lr))
 
@@ -59,7 +62,7 @@ class Segment:
             raise ConfigurationError(
                 f"{where} has steps={self.steps!r}; it must be a positive number of optimizer steps"
             )
-        if isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool):
+        if isinstance(self.lr, numbers.Real) and not isinstance(self.lr, bool):
             if not math.isfinite(self.lr) or self.lr <= 0:
                 raise ConfigurationError(
                     f"{where} has lr={self.lr!r}; the learning rate must be a finite number > 0"
