@@ -41,6 +41,10 @@ def _compressors() -> list:
     return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec()]
 
 
+def _show(location: Any) -> Any:
+    return os.fspath(location) if isinstance(location, os.PathLike) else location
+
+
 def _differences(stored: Any, wanted: Any, path: str = "") -> list[str]:
     if isinstance(stored, dict) and isinstance(wanted, dict):
         out: list[str] = []
@@ -109,11 +113,11 @@ class AttributionStore:
         try:
             group = zarr.open_group(location, mode="a", zarr_format=3)
         except Exception as exc:  # zarr raises several types for unusable locations
-            raise StoreError(f"cannot open a zarr store at {location!r}: {exc}") from exc
+            raise StoreError(f"cannot open a zarr store at {_show(location)!r}: {exc}") from exc
         full = {"format": FORMAT_VERSION, **metadata}
         if "srcproj" not in group.attrs:
             if len(list(group.keys())):
-                raise StoreError(f"{location!r} is a zarr store that srcproj did not make; choose another path")
+                raise StoreError(f"{_show(location)!r} is a zarr store that srcproj did not make; choose another path")
             group.attrs["srcproj"] = json.loads(json.dumps(full))
         else:
             stored = dict(group.attrs["srcproj"])
@@ -121,7 +125,7 @@ class AttributionStore:
             if diffs:
                 shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
                 raise StoreMismatchError(
-                    f"the store at {location!r} was made for other inputs ({shown}). Use a new store "
+                    f"the store at {_show(location)!r} was made for other inputs ({shown}). Use a new store "
                     "path, or delete this one to recompute"
                 )
         return cls(group, str(location), local)
@@ -130,14 +134,16 @@ class AttributionStore:
     def read(cls, location: Any) -> "AttributionStore":
         """Open an existing store without checking it against a model."""
         local = cls._local_path(location)
+        if local is not None and os.path.isfile(local):
+            raise StoreError(f"{local!r} is a file; give a store directory")
         if local is not None and not os.path.isdir(local):
             raise StoreError(f"no store at {local!r}")
         try:
             group = zarr.open_group(location, mode="r", zarr_format=3)
         except Exception as exc:
-            raise StoreError(f"cannot open a zarr store at {location!r}: {exc}") from exc
+            raise StoreError(f"cannot open a zarr store at {_show(location)!r}: {exc}") from exc
         if "srcproj" not in group.attrs:
-            raise StoreError(f"{location!r} is not a srcproj store (no srcproj metadata)")
+            raise StoreError(f"{_show(location)!r} is not a srcproj store (no srcproj metadata)")
         return cls(group, str(location), local)
 
     # ------------------------------------------------------------------ arrays

@@ -650,3 +650,12 @@ def test_errors_from_a_fresh_process_copy(tiny_run):
         for key in a:
             assert torch.equal(a[key], b[key])
     assert torch.equal(rebuilt.X, tiny_run.X) and torch.equal(rebuilt.y, tiny_run.y)
+
+
+def test_store_refuses_data_with_one_changed_example(tiny_run, store):
+    path, baseline = store
+    X = tiny_run.X.clone()
+    X[37, 2] += 0.5
+    with pytest.raises(StoreMismatchError, match=r"segments\[0\]\.data_fingerprint"):
+        tiny_run.attributor(path, trajectory=tiny_run.trajectory(data=(X, tiny_run.y)))
+    assert_store_intact(tiny_run, path, baseline)
