@@ -199,3 +199,33 @@ def test_linear_regression_matches_unrolled_derivative_and_finer_segments_help(t
     assert errors[1] > errors[3] > errors[12], errors
     assert errors[12] < 0.03, errors
     assert errors[1] > 0.05, errors  # the drift gap is real with one segment, so the test can fail
+
+
+def _stored_hessian(attr, checkpoint: int) -> np.ndarray:
+    return attr.store.read_all(f"hessians/ckpt_{checkpoint}")
+
+
+def test_hessian_estimators_against_explicit_matrices(tmp_path):
+    model = tiny_classifier(4)
+    X, y = classification_data(30, seed=8)
+    state = perturbed(model, 0.4, seed=9)
+    traj = Trajectory([Segment([state], steps=10, lr=0.1, data=(X, y))], weight_decay=0.0)
+    p = sum(v.numel() for v in model.parameters())
+    Q = orthogonal(p, 3)
+    task = ClassificationTask()
+    names = [n for n, _ in model.named_parameters()]
+    gauss_newton = Q.numpy() @ bruteforce.gauss_newton(model, state, names, task, X, y) @ Q.numpy().T
+    grads = bruteforce.per_example_gradients(model, state, names, task.loss, X, y) @ Q.numpy().T
+
+    stored = {}
+    for estimator, extra in (("exact", {}), ("empirical", {}), ("fisher", {"fisher_samples": 400})):
+        attr = Attributor(model, task, traj, tmp_path / f"{estimator}.zarr", projector=MatrixProjector(Q),
+                          feature_dtype="float64", chunk_size=8, hessian=estimator, **extra)
+        attr.featurize(progress=False)
+        stored[estimator] = _stored_hessian(attr, 0)
+    np.testing.assert_allclose(stored["exact"], gauss_newton, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(stored["empirical"], grads.T @ grads / len(y), rtol=1e-8, atol=1e-12)
+    # Sampled labels: unbiased, so many samples come close to the exact matrix.
+    error = np.linalg.norm(stored["fisher"] - gauss_newton) / np.linalg.norm(gauss_newton)
+    assert error < 0.1, error
+    assert error > 0  # it really was sampled
