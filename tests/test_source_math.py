@@ -229,3 +229,32 @@ def test_hessian_estimators_against_explicit_matrices(tmp_path):
     error = np.linalg.norm(stored["fisher"] - gauss_newton) / np.linalg.norm(gauss_newton)
     assert error < 0.1, error
     assert error > 0  # it really was sampled
+
+
+def test_attributing_a_subset_of_modules_uses_only_their_parameters(tmp_path):
+    model = tiny_classifier(6)
+    X, y = classification_data(20, seed=11)
+    state = perturbed(model, 0.3, seed=12)
+    wd = 0.02
+    traj = Trajectory([Segment([state], steps=1, lr=1e9, data=(X, y))], weight_decay=wd)
+    names = ["2.weight", "2.bias"]  # the last Linear layer only
+    p = sum(state[n].numel() for n in names)
+    task = ClassificationTask()
+    attr = Attributor(model, task, traj, tmp_path / "sub.zarr", projector=MatrixProjector(orthogonal(p, 4)),
+                      modules=["2"], feature_dtype="float64", chunk_size=8)
+    attr.featurize(progress=False)
+    query = classification_data(3, seed=13)
+    hessian = bruteforce.gauss_newton(model, state, names, task, X, y) + wd * np.eye(p)
+    grads = bruteforce.per_example_gradients(model, state, names, task.loss, X, y)
+    psi = bruteforce.per_example_gradients(model, state, names, task.measurement, *query)
+    np.testing.assert_allclose(attr.score(query), -psi @ np.linalg.solve(hessian, grads.T) / len(y),
+                               rtol=1e-6, atol=1e-12)
+
+
+def test_unknown_module_is_refused(tmp_path):
+    from srcproj import ConfigurationError
+
+    model = tiny_classifier(0)
+    traj = Trajectory([Segment([model.state_dict()], steps=1, lr=0.1, data=classification_data(5, 0))])
+    with pytest.raises(ConfigurationError, match=r"modules \['decoder'\] are not in the model"):
+        Attributor(model, ClassificationTask(), traj, tmp_path / "m.zarr", proj_dim=4, modules=["decoder"])
