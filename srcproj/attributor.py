@@ -255,7 +255,6 @@ class Attributor:
             raise ConfigurationError(f"batch_size={batch_size!r}; it must be a positive integer")
         report = FeaturizeReport()
         began = time.perf_counter()
-        segments = self.trajectory.segments
         hessian_flags = self.store.flags("hessians/done", len(self.checkpoints))
         hessians_done = hessian_flags[:]
         total = sum(len(self._chunks(len(self.sources[s]))) for s, _ in self.checkpoints)

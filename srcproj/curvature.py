@@ -17,7 +17,7 @@ Sums are accumulated in float64 whatever the model's precision.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch

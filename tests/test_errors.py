@@ -16,9 +16,7 @@ import zarr
 
 from conftest import build_tiny_run
 from srcproj import (
-    Attributor,
     CheckpointMismatchError,
-    ClassificationTask,
     ConfigurationError,
     DataError,
     NonFiniteGradientError,
