@@ -350,7 +350,8 @@ class Attributor:
                 mean = sum(self.store.read_all(f"hessians/ckpt_{c}") for c in members) / len(members)
                 spectrum = eigendecompose(mean, damping=self.trajectory.weight_decay)
                 k = self.proj_dim
-                self.store.array(values_name, (k,), "float64")[:] = spectrum.eigenvalues
+                values = self.store.array(values_name, (k,), "float64")
+                self.store.write_durably(values, slice(0, k), spectrum.eigenvalues)
                 vectors = self.store.array(vectors_name, (k, k), "float64")
                 self.store.write_durably(vectors, slice(0, k), spectrum.eigenvectors)
                 flags[seg] = True
