@@ -657,3 +657,14 @@ def test_store_refuses_data_with_one_changed_example(tiny_run, store):
     with pytest.raises(StoreMismatchError, match=r"segments\[0\]\.data_fingerprint"):
         tiny_run.attributor(path, trajectory=tiny_run.trajectory(data=(X, tiny_run.y)))
     assert_store_intact(tiny_run, path, baseline)
+
+
+def test_flipped_byte_in_a_cache_chunk_is_an_error_naming_the_array_and_chunk(tiny_run, store):
+    path, baseline = store
+    chunk_file = path / "caches" / "seg_0" / "c" / "1" / "0"
+    data = bytearray(chunk_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk_file.write_bytes(bytes(data))
+    attr = tiny_run.attributor(path)
+    with pytest.raises(StoreError, match=r"array 'caches/seg_0', chunk 1 .*damaged"):
+        attr.score(tiny_run.queries)
