@@ -86,3 +86,13 @@ def source_scores(model, task, segments, weight_decay, momentum, query, selected
             later = later @ forgets[j]
         delta = delta + later @ terms[index]
     return -psi @ delta
+
+
+def damped_influence(model, state, names, task, data, query, damping) -> np.ndarray:
+    """-ψᵀ (H + δI)⁻¹ g / N over the parameters ``names`` (Koh & Liang, with damping δ)."""
+    X, y = data
+    hessian = gauss_newton(model, state, names, task, X, y)
+    hessian = hessian + damping * np.eye(len(hessian))
+    grads = per_example_gradients(model, state, names, task.loss, X, y)
+    psi = per_example_gradients(model, state, names, task.measurement, *query)
+    return -psi @ np.linalg.solve(hessian, grads.T) / len(y)
