@@ -387,6 +387,74 @@ class Attributor:
                 report.cache_chunks_computed += 1
                 bar.update(1)
 
+    # ------------------------------------------------------------------ stored quantities
+    def _checkpoint_number(self, checkpoint: int) -> int:
+        count = len(self.checkpoints)
+        if isinstance(checkpoint, bool) or not isinstance(checkpoint, (int, np.integer)) or not -count <= checkpoint < count:
+            raise ConfigurationError(f"checkpoint {checkpoint!r} does not exist; the trajectory has checkpoints "
+                                     f"0..{count - 1} (negative indices count from the end)")
+        return int(checkpoint) % count
+
+    def _data_segment(self, segment: int) -> int:
+        return self._selection([segment])[0]
+
+    def checkpoint_features(self, checkpoint: int = -1, kind: str = "loss", data_segment: int = 0,
+                            batch_size: int = 64) -> np.ndarray:
+        """Projected per-example gradients of one data set at one checkpoint, ``(N, k)``.
+
+        Loss gradients that featurize() stored (the checkpoint trained on that data) are
+        read from the store; anything else is computed, with the same projection.
+
+        Parameters
+        ----------
+        checkpoint : int
+            Global checkpoint index in training order; ``-1`` is the final one.
+        kind : {"loss", "measurement"}
+            Gradients of the training loss, or of the task's measurement (e.g. the margin
+            of each training example, as TRAK and self-influence use).
+        data_segment : int
+            The examples are those of this segment's data.
+        """
+        index = self._checkpoint_number(checkpoint)
+        seg = self._data_segment(data_segment)
+        if kind not in ("loss", "measurement"):
+            raise ConfigurationError(f"kind={kind!r}; choose 'loss' or 'measurement'")
+        source = self.sources[seg]
+        same_data = self.trajectory.data_groups[self._segment_of(index)] == self.trajectory.data_groups[seg]
+        flags = f"features/ckpt_{index}_done"
+        if kind == "loss" and same_data and self.store.has(flags) and bool(np.all(self.store.group[flags][:])):
+            return self.store.read_all(f"features/ckpt_{index}").astype(self.cache_dtype)
+        trainable, fixed = self.computer.split(self._load(index), self.device)
+        fn = self.computer.loss_grads if kind == "loss" else self.computer.measurement_grads
+        with self.computer.evaluating():
+            rows = self._features(fn, trainable, fixed, source, 0, len(source), batch_size,
+                                  f"checkpoint {index}")
+        return rows.to("cpu").numpy().astype(self.cache_dtype)
+
+    def query_features_at(self, queries: Any, checkpoint: int = -1, batch_size: int = 64) -> np.ndarray:
+        """ψ = P ∇f(z_q, θ_c) at checkpoint ``c`` (``-1``: the final one, as in :meth:`score`)."""
+        index = self._checkpoint_number(checkpoint)
+        source = ExampleSource(queries, "the query set")
+        self.task.validate_targets(source.all_targets(), self.num_outputs, source.what)
+        trainable, fixed = self.computer.split(self._load(index), self.device)
+        with self.computer.evaluating():
+            rows = self._features(self.computer.measurement_grads, trainable, fixed, source, 0, len(source),
+                                  batch_size, f"checkpoint {index}")
+        return rows.to("cpu").numpy().astype(self.cache_dtype)
+
+    def checkpoint_hessian(self, checkpoint: int = -1) -> np.ndarray:
+        """The stored k×k projected Gauss-Newton Hessian of one checkpoint (on its segment's data)."""
+        index = self._checkpoint_number(checkpoint)
+        flags = self.store.flags("hessians/done", len(self.checkpoints))
+        if not bool(flags[index]):
+            raise StoreError(f"the Hessian of checkpoint {index} is not in the store: run featurize() first")
+        return self.store.read_all(f"hessians/ckpt_{index}")
+
+    def segment_spectra(self) -> list[SegmentSpectrum]:
+        """Per segment, the eigendecomposition of its mean Hessian + wd·I, from the store."""
+        self._require_featurized()
+        return self._spectra()
+
     # ------------------------------------------------------------------ scoring
     def is_featurized(self) -> bool:
         """Whether every cache chunk is in the store."""

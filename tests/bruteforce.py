@@ -71,6 +71,12 @@ def source_scores(model, task, segments, weight_decay, momentum, query, selected
     final = segments[-1]["states"][-1]
     Xq, yq = query
     psi = per_example_gradients(model, final, names, task.measurement, Xq, yq)
+    return -psi @ source_displacement(model, task, segments, weight_decay, momentum, selected)
+
+
+def source_displacement(model, task, segments, weight_decay, momentum, selected) -> np.ndarray:
+    """Δθ_T(m) of every training example as columns ``(p, N)``: Σ_ℓ S_L⋯S_{ℓ+1} F_ℓ ḡ_ℓ / N_ℓ."""
+    names = [n for n, _ in model.named_parameters()]
     forgets, terms = [], []
     for seg in segments:
         hessian = np.mean([gauss_newton(model, s, names, task, seg["X"], seg["y"]) for s in seg["states"]], axis=0)
@@ -85,7 +91,7 @@ def source_scores(model, task, segments, weight_decay, momentum, query, selected
         for j in range(len(segments) - 1, index, -1):
             later = later @ forgets[j]
         delta = delta + later @ terms[index]
-    return -psi @ delta
+    return delta
 
 
 def damped_influence(model, state, names, task, data, query, damping) -> np.ndarray:

@@ -1,0 +1,235 @@
+"""Baselines against their formulas (source-math.md §5), computed by brute force.
+
+With an orthogonal k = p projection the projected space preserves inner products and
+matrix functions, so each baseline must equal its full-parameter-space formula built
+from explicit per-example gradients and Gauss-Newton matrices (tests/bruteforce.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bruteforce
+from srcproj import (
+    Attributor,
+    ClassificationTask,
+    ConfigurationError,
+    MatrixProjector,
+    RegressionTask,
+    Segment,
+    StoreError,
+    Trajectory,
+)
+from srcproj.baselines import (
+    TRAK,
+    Ensemble,
+    InfluenceFunction,
+    RepresentationSimilarity,
+    SourceVariant,
+    TracIn,
+    average_checkpoints,
+)
+
+WD, MOMENTUM = 0.01, 0.5
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def _data(n: int, seed: int, shift: float = 0.0):
+    generator = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 3, generator=generator, dtype=torch.float64) + shift
+    return X, torch.randint(0, 3, (n,), generator=generator)
+
+
+def _state(model: nn.Module, scale: float, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=generator, dtype=v.dtype)
+            for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Segments 0 and 2 train on data A, segment 1 on data B; orthogonal k = p projection."""
+    model = _model()
+    data_a, data_b = _data(20, 1), _data(15, 2, shift=1.5)
+    states = [_state(model, 0.3 * (i + 1), 10 + i) for i in range(6)]
+    traj = Trajectory([
+        Segment(states[0:2], steps=40, lr=0.05, data=data_a),
+        Segment(states[2:4], steps=30, lr=0.08, data=data_b),
+        Segment(states[4:6], steps=25, lr=0.1, data=data_a),
+    ], momentum=MOMENTUM, weight_decay=WD)
+    p = sum(v.numel() for v in model.parameters())
+    q, _ = torch.linalg.qr(torch.randn(p, p, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    attr = Attributor(model, ClassificationTask(), traj, tmp_path_factory.mktemp("b") / "s.zarr",
+                      projector=MatrixProjector(q), feature_dtype="float64", chunk_size=7, hessian="exact")
+    attr.featurize(batch_size=4, progress=False)
+    names = [n for n, _ in model.named_parameters()]
+    return {"model": model, "traj": traj, "attr": attr, "states": states, "names": names,
+            "a": data_a, "b": data_b, "query": _data(5, 3)}
+
+
+def _grads(s, state, fn, X, y):
+    return bruteforce.per_example_gradients(s["model"], state, s["names"], fn, X, y)
+
+
+def test_influence_function_matches_damped_inverse(setup):
+    s = setup
+    task = ClassificationTask()
+    final = s["states"][-1]
+    expected = bruteforce.damped_influence(s["model"], final, s["names"], task, s["a"], s["query"], WD)
+    method = InfluenceFunction(s["attr"])
+    np.testing.assert_allclose(method.score(s["query"]), expected, rtol=1e-6, atol=1e-12)
+    # Explicit damping, and examples of another data set than the final segment's:
+    # the Hessian stays that of the final checkpoint (on data A), the gradients are B's.
+    hessian = bruteforce.gauss_newton(s["model"], final, s["names"], task, *s["a"]) + 0.5 * np.eye(31)
+    grads_b = _grads(s, final, task.loss, *s["b"])
+    psi = _grads(s, final, task.measurement, *s["query"])
+    expected_b = -psi @ np.linalg.solve(hessian, grads_b.T) / 15
+    np.testing.assert_allclose(InfluenceFunction(s["attr"], damping=0.5, data_segment=1).score(s["query"]),
+                               expected_b, rtol=1e-6, atol=1e-12)
+    psi_train = _grads(s, final, task.measurement, *s["a"])
+    grads_a = _grads(s, final, task.loss, *s["a"])
+    hessian_wd = hessian - 0.5 * np.eye(31) + WD * np.eye(31)
+    self_expected = -np.einsum("np,np->n", psi_train, np.linalg.solve(hessian_wd, grads_a.T).T) / 20
+    np.testing.assert_allclose(method.self_influence(), self_expected, rtol=1e-6, atol=1e-12)
+
+
+def test_tracin_sums_learning_rate_weighted_dot_products(setup):
+    s = setup
+    task = ClassificationTask()
+    expected = 0.0
+    # Data A trained in segments 0 (lr 0.05) and 2 (lr 0.1): their four checkpoints.
+    for state, lr in zip(s["states"][0:2] + s["states"][4:6], [0.05, 0.05, 0.1, 0.1]):
+        psi = _grads(s, state, task.measurement, *s["query"])
+        expected = expected - lr * psi @ _grads(s, state, task.loss, *s["a"]).T
+    np.testing.assert_allclose(TracIn(s["attr"]).score(s["query"]), expected, rtol=1e-6, atol=1e-12)
+    state = s["states"][2]
+    only_b = -0.08 * (_grads(s, state, task.measurement, *s["query"]) @ _grads(s, state, task.loss, *s["b"]).T)
+    only_b += -0.08 * (_grads(s, s["states"][3], task.measurement, *s["query"])
+                       @ _grads(s, s["states"][3], task.loss, *s["b"]).T)
+    np.testing.assert_allclose(TracIn(s["attr"], data_segment=1).score(s["query"]), only_b, rtol=1e-6, atol=1e-12)
+
+
+def test_trak_kernel_and_one_minus_p_weighting(setup):
+    s = setup
+    task = ClassificationTask()
+    final = s["states"][-1]
+    phi = _grads(s, final, task.measurement, *s["a"])
+    psi = _grads(s, final, task.measurement, *s["query"])
+    with torch.no_grad():
+        logits = torch.func.functional_call(s["model"], final, (s["a"][0],))
+    p_correct = torch.softmax(logits, 1).gather(1, s["a"][1][:, None])[:, 0].numpy()
+    delta = 0.3  # p = 31 > N = 20: TRAK's undamped kernel is singular here
+    expected = psi @ np.linalg.solve(phi.T @ phi + delta * np.eye(31), phi.T) * (1 - p_correct)
+    method = TRAK(s["attr"], damping=delta)
+    np.testing.assert_allclose(method.score(s["query"]), expected, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ConfigurationError, match=r"kernel ΦᵀΦ is singular \(k = 31, N = 20\)"):
+        TRAK(s["attr"]).score(s["query"])
+
+
+def test_source_variant_retimes_without_recomputing(setup):
+    s = setup
+    attr, task = s["attr"], ClassificationTask()
+    same = SourceVariant(attr)
+    np.testing.assert_allclose(same.score(s["query"]), attr.score(s["query"]), rtol=1e-6, atol=1e-12)
+    # Half the steps in the segments on data A (source-math.md §8's same-epochs protocol).
+    traj = s["traj"]
+    halved = Trajectory([
+        Segment(traj.segments[0].checkpoints, 20, 0.05, traj.segments[0].data),
+        traj.segments[1],
+        Segment(traj.segments[2].checkpoints, 12, 0.1, traj.segments[2].data),
+    ], momentum=MOMENTUM, weight_decay=WD)
+    brute_segments = [
+        {"states": s["states"][0:2], "time_lr": 20 * 0.05, "X": s["a"][0], "y": s["a"][1]},
+        {"states": s["states"][2:4], "time_lr": 30 * 0.08, "X": s["b"][0], "y": s["b"][1]},
+        {"states": s["states"][4:6], "time_lr": 12 * 0.1, "X": s["a"][0], "y": s["a"][1]},
+    ]
+    delta = bruteforce.source_displacement(s["model"], task, brute_segments, WD, MOMENTUM, [0, 2])
+    psi_final = _grads(s, s["states"][5], task.measurement, *s["query"])
+    np.testing.assert_allclose(SourceVariant(attr, halved).score(s["query"]), -psi_final @ delta,
+                               rtol=1e-6, atol=1e-12)
+    psi_mean = (psi_final + _grads(s, s["states"][4], task.measurement, *s["query"])) / 2
+    np.testing.assert_allclose(SourceVariant(attr, halved, query="last_segment").score(s["query"]),
+                               -psi_mean @ delta, rtol=1e-6, atol=1e-12)
+    assert not np.allclose(SourceVariant(attr, halved).score(s["query"]), attr.score(s["query"]), rtol=1e-3)
+    np.testing.assert_allclose(same.self_influence(), attr.self_influence(), rtol=1e-6, atol=1e-12)
+
+
+def test_representation_similarity_is_cosine_of_the_layer(setup):
+    s = setup
+    final = s["states"][-1]
+    with torch.no_grad():
+        hidden = lambda X: torch.tanh(X @ final["0.weight"].T + final["0.bias"])  # noqa: E731
+        train = torch.nn.functional.normalize(hidden(s["a"][0]), dim=1)
+        query = torch.nn.functional.normalize(hidden(s["query"][0]), dim=1)
+    np.testing.assert_allclose(RepresentationSimilarity(s["attr"], "1").score(s["query"]),
+                               (query @ train.T).numpy(), rtol=1e-10)
+    with pytest.raises(ConfigurationError, match="module 'fc9' is not in the model"):
+        RepresentationSimilarity(s["attr"], "fc9")
+
+
+def test_ensemble_averages_members(setup):
+    s = setup
+    a, b = InfluenceFunction(s["attr"]), TracIn(s["attr"])
+    np.testing.assert_allclose(Ensemble([a, b]).score(s["query"]),
+                               (a.score(s["query"]) + b.score(s["query"])) / 2, rtol=1e-12)
+    with pytest.raises(ConfigurationError, match="disagree on the score shape"):
+        Ensemble([a, TracIn(s["attr"], data_segment=1)]).score(s["query"])
+    with pytest.raises(ConfigurationError, match="at least one member"):
+        Ensemble([])
+
+
+def test_average_checkpoints_is_fast_source(setup, tmp_path):
+    s = setup
+    fast = average_checkpoints(s["traj"])
+    assert [len(seg.checkpoints) for seg in fast.segments] == [1, 1, 1]
+    assert fast.data_groups == s["traj"].data_groups
+    mean = {k: (s["states"][2][k] + s["states"][3][k]) / 2 for k in s["states"][2]}
+    for k, v in fast.segments[1].checkpoints[0].items():
+        torch.testing.assert_close(v, mean[k])
+    path = tmp_path / "ckpt.pt"
+    torch.save(s["states"][0], path)
+    other = average_checkpoints(Trajectory([Segment([path, s["states"][1]], 4, 0.1, s["a"])]))
+    torch.testing.assert_close(other.segments[0].checkpoints[0]["2.bias"],
+                               (s["states"][0]["2.bias"] + s["states"][1]["2.bias"]) / 2)
+    broken = dict(s["states"][1])
+    broken.pop("2.bias")
+    with pytest.raises(ConfigurationError, match="segment 0: checkpoint 0 has other tensors"):
+        average_checkpoints(Trajectory([Segment([broken, s["states"][1]], 4, 0.1, s["a"])]))
+
+
+def test_bad_inputs_are_refused(setup, tmp_path):
+    s = setup
+    no_wd = Trajectory([Segment(s["states"][:1], 5, 0.1, s["a"])])
+    attr = Attributor(s["model"], ClassificationTask(), no_wd, tmp_path / "nowd.zarr", proj_dim=8,
+                      feature_dtype="float32")
+    with pytest.raises(StoreError, match="run featurize"):
+        InfluenceFunction(attr)
+    attr.featurize(progress=False)
+    with pytest.raises(ConfigurationError, match="no weight decay, so the influence function needs an explicit damping"):
+        InfluenceFunction(attr)
+    with pytest.raises(ConfigurationError, match="damping=-1"):
+        InfluenceFunction(attr, damping=-1.0)
+    with pytest.raises(ConfigurationError, match="checkpoint 4 does not exist"):
+        InfluenceFunction(attr, damping=0.1, checkpoint=4)
+    with pytest.raises(ConfigurationError, match="segment 3 does not exist"):
+        TracIn(attr, data_segment=3)
+    with pytest.raises(ConfigurationError, match="Only steps and learning rates may change"):
+        SourceVariant(s["attr"], no_wd)
+    with pytest.raises(ConfigurationError, match="query='mean'"):
+        SourceVariant(s["attr"], query="mean")
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    X = torch.randn(10, 3, dtype=torch.float64)
+    regression = Attributor(model, RegressionTask(), Trajectory([Segment([model.state_dict()], 5, 0.1,
+                            (X, torch.randn(10, 2, dtype=torch.float64)))]), tmp_path / "r.zarr", proj_dim=4)
+    regression.featurize(progress=False)
+    with pytest.raises(ConfigurationError, match="ClassificationTask"):
+        TRAK(regression)
+    with pytest.raises(ConfigurationError, match="expected a srcproj.Attributor"):
+        TracIn("store.zarr")
