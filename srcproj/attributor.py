@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -480,7 +481,7 @@ class Attributor:
                 f"segments {selected} hold different data objects, so their training examples are "
                 "different; score the segments of one data set at a time"
             )
-        return sorted(set(int(s) for s in selected))
+        return sorted({int(s) for s in selected})
 
     def _require_featurized(self) -> None:
         if not self.is_featurized():

@@ -22,7 +22,8 @@ Formulas: ``source-math.md`` §5.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,12 +36,12 @@ from .tasks import ClassificationTask
 from .trajectory import Segment, Trajectory
 
 __all__ = [
+    "TRAK",
+    "Ensemble",
     "InfluenceFunction",
+    "RepresentationSimilarity",
     "SourceVariant",
     "TracIn",
-    "TRAK",
-    "RepresentationSimilarity",
-    "Ensemble",
     "average_checkpoints",
 ]
 

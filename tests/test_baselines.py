@@ -7,12 +7,12 @@ from explicit per-example gradients and Gauss-Newton matrices (tests/bruteforce.
 
 from __future__ import annotations
 
+import bruteforce
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import bruteforce
 from srcproj import (
     Attributor,
     ClassificationTask,
@@ -165,7 +165,7 @@ def test_representation_similarity_is_cosine_of_the_layer(setup):
     s = setup
     final = s["states"][-1]
     with torch.no_grad():
-        hidden = lambda X: torch.tanh(X @ final["0.weight"].T + final["0.bias"])  # noqa: E731
+        hidden = lambda X: torch.tanh(X @ final["0.weight"].T + final["0.bias"])
         train = torch.nn.functional.normalize(hidden(s["a"][0]), dim=1)
         query = torch.nn.functional.normalize(hidden(s["query"][0]), dim=1)
     np.testing.assert_allclose(RepresentationSimilarity(s["attr"], "1").score(s["query"]),

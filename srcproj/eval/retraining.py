@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import ConfigurationError, DataError
 
-__all__ = ["draw_subsets", "retrain", "TrainFunction"]
+__all__ = ["TrainFunction", "draw_subsets", "retrain"]
 
 TrainFunction = Callable[[np.ndarray, int], np.ndarray]
 
@@ -46,7 +46,7 @@ def draw_subsets(num_examples: int, num_subsets: int = 100, fraction: float = 0.
             raise ConfigurationError(f"{name}={value!r}; it must be a positive integer")
     if not 0.0 < float(fraction) < 1.0:
         raise ConfigurationError(f"fraction={fraction!r}; it must lie strictly between 0 and 1")
-    keep = int(round(float(fraction) * num_examples))
+    keep = round(float(fraction) * num_examples)
     if keep < 1 or keep >= num_examples:
         raise ConfigurationError(
             f"fraction={fraction} of {num_examples} examples keeps {keep}; choose a fraction that keeps "
