@@ -1,0 +1,288 @@
+"""LDS benchmark: SOURCE against every baseline on three digits scenarios, one command.
+
+    python benchmarks/lds.py                       # the reported split (after tuning)
+    python benchmarks/lds.py --split tune          # the split that settings were chosen on
+    python benchmarks/lds.py --smoke               # a minute-long end-to-end check
+
+Scenarios (benchmarks/scenarios.py): ``converged``, ``noisy-short`` and ``two-stage``.
+Ground truth: ``--subsets`` random 50% subsets of the attribution target, each
+retrained with ``--seeds`` seeds under two protocols, cached under ``--cache``:
+
+- ``steps``: a subset is trained for as many optimizer steps as the full run;
+- ``epochs``: for as many epochs (half the steps in the subsampled stage), the usual
+  LDS recipe. SOURCE is told so (source-math.md §8) by :class:`SourceVariant` with the
+  subsampled segments' steps halved; the other methods have no notion of it.
+
+Queries and retraining seeds are split in two halves: ``tune`` (even test indices,
+first half of the seeds) is where settings were chosen, ``report`` (odd indices, second
+half) is what docs/benchmarks.md reports. Each method is evaluated on one attributed
+model (seed 1000) and as an ensemble of ``--models`` independently trained ones.
+Results are printed and written as JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import scenarios as sc
+
+from srcproj import Attributor, ClassificationTask
+from srcproj.baselines import (
+    TRAK,
+    InfluenceFunction,
+    RepresentationSimilarity,
+    SourceVariant,
+    TracIn,
+    average_checkpoints,
+)
+from srcproj.demo import make_mlp
+from srcproj.eval import detection, draw_subsets, lds, retrain
+
+PROTOCOLS = ("steps", "epochs")
+
+
+@dataclass
+class Settings:
+    subsets: int = 100
+    seeds: int = 10
+    models: int = 3
+    proj_dim: int = 512
+    queries: int = 360
+    processes: int = 2
+    cache: str = "benchmarks/.cache"
+    batch: int = 50
+
+
+def ground_truth(name: str, scenario: sc.Scenario, settings: Settings, progress: bool) -> dict:
+    masks = draw_subsets(scenario.num_targets, settings.subsets, 0.5, seed=17)
+    outputs = {}
+    for protocol in PROTOCOLS:
+        folder = os.path.join(settings.cache, "ground_truth", name, protocol)
+        began = time.perf_counter()
+        outputs[protocol] = retrain(sc.GroundTruthFn(name, protocol), masks, range(settings.seeds), folder,
+                                    processes=settings.processes, progress=progress,
+                                    models_per_call=settings.batch)
+        print(f"  ground truth {name}/{protocol}: {outputs[protocol].shape} in {time.perf_counter() - began:.1f} s")
+    return {"masks": masks, "outputs": outputs}
+
+
+class Timed:
+    """Wall seconds of what a method computes itself (its store's featurize counted once)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+
+
+def _featurized(model, trajectory, path: str, timer: Timed, key: str, **kwargs) -> Attributor:
+    attributor = Attributor(model, ClassificationTask(), trajectory, path, **kwargs)
+    sidecar = path + ".seconds.json"
+    report = attributor.featurize(progress=False)
+    # Featurize time is recorded when a store is made from scratch and reused after.
+    if report.feature_chunks_skipped == 0 and report.feature_chunks_computed:
+        with open(sidecar, "w") as handle:
+            json.dump({"seconds": report.seconds}, handle)
+    seconds = report.seconds
+    if os.path.exists(sidecar):
+        with open(sidecar) as handle:
+            seconds = json.load(handle)["seconds"]
+    timer.add(key, seconds)
+    return attributor
+
+
+def method_scores(name: str, scenario: sc.Scenario, member: int, queries, settings: Settings,
+                  methods: set[str], timer: Timed) -> tuple[dict, dict]:
+    """Scores (Q, N_target) per (method, protocol) for one attributed model; self-influence too."""
+    seed = 1000 + member
+    final, trajectory = sc.attributed_run(scenario, seed)
+    folder = os.path.join(settings.cache, "stores", name, f"model{seed}")
+    os.makedirs(folder, exist_ok=True)
+    k = settings.proj_dim
+    model = make_mlp(sc.HIDDEN)
+    scores: dict[tuple[str, str], np.ndarray] = {}
+    selfinf: dict[str, np.ndarray] = {}
+
+    def timed(key, fn):
+        began = time.perf_counter()
+        out = fn()
+        timer.add(key, time.perf_counter() - began)
+        return out
+
+    base = _featurized(model, trajectory("steps"), os.path.join(folder, f"source_k{k}.zarr"), timer,
+                       "SOURCE", proj_dim=k)
+    for protocol in PROTOCOLS:
+        variant = SourceVariant(base, trajectory(protocol))
+        scores["SOURCE", protocol] = timed("SOURCE", lambda v=variant: v.score(queries))
+    selfinf["SOURCE"] = base.self_influence()
+
+    shared = {"IF": lambda: InfluenceFunction(base), "TracIn": lambda: TracIn(base),
+              "TRAK (srcproj)": lambda: TRAK(base), "RepSim": lambda: RepresentationSimilarity(base, "1")}
+    for label, make in shared.items():
+        if label not in methods:
+            continue
+        method = make()
+        out = timed(label, lambda m=method: m.score(queries))
+        for protocol in PROTOCOLS:
+            scores[label, protocol] = out
+        if label in ("IF", "TracIn"):
+            selfinf[label] = method.self_influence()
+
+    if "SOURCE last-segment query" in methods:
+        for protocol in PROTOCOLS:
+            variant = SourceVariant(base, trajectory(protocol), query="last_segment")
+            scores["SOURCE last-segment query", protocol] = timed("SOURCE last-segment query",
+                                                                  lambda v=variant: v.score(queries))
+    for estimator in ("empirical", "fisher"):
+        label = f"SOURCE {estimator} Hessian"
+        if label not in methods:
+            continue
+        att = _featurized(model, trajectory("steps"), os.path.join(folder, f"source_{estimator}_k{k}.zarr"),
+                          timer, label, proj_dim=k, hessian=estimator)
+        for protocol in PROTOCOLS:
+            scores[label, protocol] = timed(label, lambda a=att, p=protocol: SourceVariant(a, trajectory(p)).score(queries))
+    if "Fast-SOURCE" in methods:
+        att = _featurized(model, average_checkpoints(trajectory("steps")), os.path.join(folder, f"fast_k{k}.zarr"),
+                          timer, "Fast-SOURCE", proj_dim=k)
+        for protocol in PROTOCOLS:
+            fast = average_checkpoints(trajectory(protocol))
+            scores["Fast-SOURCE", protocol] = timed("Fast-SOURCE",
+                                                    lambda a=att, t=fast: SourceVariant(a, t).score(queries))
+    if "TRAK (official)" in methods:
+        from trak_official import official_trak_scores
+
+        out, seconds = official_trak_scores(make_mlp(sc.HIDDEN), [final], (scenario.target.X, scenario.target.y),
+                                            queries, proj_dim=k, seed=0)
+        timer.add("TRAK (official)", seconds)
+        for protocol in PROTOCOLS:
+            scores["TRAK (official)", protocol] = out
+    return scores, selfinf, final
+
+
+def label_baseline(scenario: sc.Scenario, queries) -> np.ndarray:
+    return (queries[1][:, None] == scenario.target.y[None, :]).double().numpy()
+
+
+def final_losses(scenario: sc.Scenario, member: int) -> np.ndarray:
+    final, _ = sc.attributed_run(scenario, 1000 + member)
+    model = make_mlp(sc.HIDDEN)
+    model.load_state_dict(final)
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(scenario.target.X), scenario.target.y,
+                                                 reduction="none").double().numpy()
+
+
+ALL_METHODS = ("IF", "TracIn", "TRAK (srcproj)", "TRAK (official)", "RepSim", "Fast-SOURCE",
+               "SOURCE last-segment query", "SOURCE empirical Hessian", "SOURCE fisher Hessian")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", nargs="+", default=list(sc.SCENARIOS), choices=sc.SCENARIOS)
+    parser.add_argument("--split", choices=("tune", "report"), default="report")
+    parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    parser.add_argument("--subsets", type=int, default=Settings.subsets)
+    parser.add_argument("--seeds", type=int, default=Settings.seeds)
+    parser.add_argument("--models", type=int, default=Settings.models)
+    parser.add_argument("--proj-dim", type=int, default=Settings.proj_dim)
+    parser.add_argument("--processes", type=int, default=Settings.processes)
+    parser.add_argument("--cache", default=Settings.cache)
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--smoke", action="store_true", help="tiny settings: a quick end-to-end check")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    settings = Settings(args.subsets, args.seeds, args.models, args.proj_dim, 360, args.processes, args.cache)
+    if args.smoke:
+        settings = Settings(subsets=12, seeds=2, models=2, proj_dim=64, queries=40, processes=1,
+                            cache=args.cache, batch=12)
+    methods = set(args.methods)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; split {args.split}; "
+          f"{settings.subsets} subsets × {settings.seeds} seeds, {settings.models} models, k = {settings.proj_dim}")
+    half = settings.seeds // 2 or 1
+    seed_cols = slice(0, half) if args.split == "tune" else slice(half, settings.seeds) if settings.seeds > 1 else slice(0, 1)
+    results = {"settings": vars(settings), "split": args.split, "scenarios": {}}
+    for name in args.scenarios:
+        scenario = sc.make_scenario(name)
+        print(f"\n== {name}: {scenario.description}; {sc.describe_steps(scenario)}")
+        truth = ground_truth(name, scenario, settings, not args.no_progress)
+        Xq, yq = scenario.queries
+        picked = np.arange(0 if args.split == "tune" else 1, min(len(yq), settings.queries), 2)
+        queries = (Xq[picked], yq[picked])
+        timer = Timed()
+        per_model, self_per_model, finals = [], [], []
+        for member in range(settings.models):
+            scores, selfinf, final = method_scores(name, scenario, member, queries, settings, methods, timer)
+            finals.append(final)
+            label = label_baseline(scenario, queries)
+            for protocol in PROTOCOLS:
+                scores["same label", protocol] = label
+            per_model.append(scores)
+            self_per_model.append(selfinf)
+        ensembled = {}
+        if "TRAK (official)" in methods:
+            # TRAK's own ensembling (it averages its kernel and 1 - p terms separately).
+            from trak_official import official_trak_scores
+
+            out, _ = official_trak_scores(make_mlp(sc.HIDDEN), finals, (scenario.target.X, scenario.target.y),
+                                          queries, proj_dim=settings.proj_dim, seed=0)
+            for protocol in PROTOCOLS:
+                ensembled["TRAK (official)", protocol] = out
+        table = {}
+        for protocol in PROTOCOLS:
+            outputs = truth["outputs"][protocol][:, seed_cols][:, :, picked]
+            for key in per_model[0]:
+                if key[1] != protocol:
+                    continue
+                single = lds(per_model[0][key], truth["masks"], outputs)
+                combined = ensembled.get(key)
+                if combined is None:
+                    combined = np.mean([m[key] for m in per_model], axis=0)
+                ensemble = lds(combined, truth["masks"], outputs)
+                table[f"{key[0]} | {protocol}"] = {
+                    "single": single.mean, "single_ci": single.ci_subsets, "single_ci_queries": single.ci_queries,
+                    "ensemble": ensemble.mean, "ensemble_ci": ensemble.ci_subsets,
+                    "seconds_per_model": timer.seconds.get(key[0], 0.0) / settings.models,
+                }
+        entry = {"lds": table, "description": scenario.description, "steps": sc.describe_steps(scenario)}
+        print(f"{'method':<28} {'protocol':<7} {'LDS 1 model':>22} {'LDS ensemble':>22} {'s/model':>8}")
+        for key, row in sorted(table.items(), key=lambda kv: (kv[0].split(' | ')[1], -kv[1]['single'])):
+            method, protocol = key.split(" | ")
+            lo, hi = row["single_ci"]
+            elo, ehi = row["ensemble_ci"]
+            print(f"{method:<28} {protocol:<7} {row['single']:>7.3f} [{lo:.3f}, {hi:.3f}] "
+                  f"{row['ensemble']:>7.3f} [{elo:.3f}, {ehi:.3f}] {row['seconds_per_model']:>8.2f}")
+        if scenario.flipped is not None:
+            losses = np.mean([final_losses(scenario, m) for m in range(settings.models)], axis=0)
+            rankings = {"final loss": losses}
+            for key in self_per_model[0]:
+                rankings[f"{key} self-influence"] = np.mean([s[key] for s in self_per_model], axis=0)
+            found = {}
+            print("mislabeled detection (30% flipped): rank by", ", ".join(rankings))
+            for key, values in rankings.items():
+                result = detection(values, scenario.flipped)
+                found[key] = {"auc": result.auc, "found": result.found}
+                shown = ", ".join(f"top {int(f * 100)}%: {v:.2f}" for f, v in result.found.items())
+                print(f"  {key:<28} AUC {result.auc:.3f}; {shown}")
+            entry["detection"] = found
+        results["scenarios"][name] = entry
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=1, default=float)
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
