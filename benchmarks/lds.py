@@ -55,7 +55,7 @@ PROTOCOLS = ("steps", "epochs")
 @dataclass
 class Settings:
     subsets: int = 100
-    seeds: int = 10
+    seeds: int = 20
     models: int = 3
     proj_dim: int = 512
     queries: int = 360
@@ -145,14 +145,17 @@ def method_scores(name: str, scenario: sc.Scenario, member: int, queries, settin
             variant = SourceVariant(base, trajectory(protocol), query="last_segment")
             scores["SOURCE last-segment query", protocol] = timed("SOURCE last-segment query",
                                                                   lambda v=variant: v.score(queries))
-    for estimator in ("empirical", "fisher"):
-        label = f"SOURCE {estimator} Hessian"
+    for label, (layout, proj_dim, estimator) in SOURCE_VARIANTS.items():
         if label not in methods:
             continue
-        att = _featurized(model, trajectory("steps"), os.path.join(folder, f"source_{estimator}_k{k}.zarr"),
-                          timer, label, proj_dim=k, hessian=estimator)
+        proj_dim = proj_dim or k
+        _, layout_trajectory = sc.attributed_run(scenario, seed, layout)
+        path = os.path.join(folder, f"source_{layout}_{estimator}_k{proj_dim}.zarr")
+        att = _featurized(model, layout_trajectory("steps"), path, timer, label, proj_dim=proj_dim,
+                          hessian=estimator)
         for protocol in PROTOCOLS:
-            scores[label, protocol] = timed(label, lambda a=att, p=protocol: SourceVariant(a, trajectory(p)).score(queries))
+            variant = SourceVariant(att, layout_trajectory(protocol))
+            scores[label, protocol] = timed(label, lambda v=variant: v.score(queries))
     if "Fast-SOURCE" in methods:
         att = _featurized(model, average_checkpoints(trajectory("steps")), os.path.join(folder, f"fast_k{k}.zarr"),
                           timer, "Fast-SOURCE", proj_dim=k)
@@ -184,8 +187,19 @@ def final_losses(scenario: sc.Scenario, member: int) -> np.ndarray:
                                                  reduction="none").double().numpy()
 
 
+# SOURCE settings compared with its defaults (the scenario's segments of 2 checkpoints,
+# k = --proj-dim, exact Hessian): label -> (checkpoint grouping, see
+# scenarios.attributed_run; k, None for --proj-dim; Hessian estimator).
+SOURCE_VARIANTS = {
+    "SOURCE empirical Hessian": ("default", None, "empirical"),
+    "SOURCE fisher Hessian": ("default", None, "fisher"),
+    "SOURCE one segment per stage": ("one-segment", None, "exact"),
+    "SOURCE one checkpoint per segment": ("fine", None, "exact"),
+    "SOURCE k=128": ("default", 128, "exact"),
+    "SOURCE k=2048": ("default", 2048, "exact"),
+}
 ALL_METHODS = ("IF", "TracIn", "TRAK (srcproj)", "TRAK (official)", "RepSim", "Fast-SOURCE",
-               "SOURCE last-segment query", "SOURCE empirical Hessian", "SOURCE fisher Hessian")
+               "SOURCE last-segment query", *SOURCE_VARIANTS)
 
 
 def main() -> None:

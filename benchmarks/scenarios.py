@@ -206,26 +206,36 @@ def _cached_scenario(name: str) -> Scenario:
 
 
 # --------------------------------------------------------------------------- SOURCE's view
-def attributed_run(scenario: Scenario, seed: int, checkpoints_per_segment: int = 2):
+LAYOUTS = ("default", "one-segment", "fine")
+
+
+def attributed_run(scenario: Scenario, seed: int, layout: str = "default"):
     """Train the model to attribute (all data) and describe its run to srcproj.
+
+    Each stage saves ``2 × stage.segments`` checkpoints, evenly spaced, and ``layout``
+    decides only how SOURCE groups them: ``default`` (``stage.segments`` segments of 2
+    checkpoints), ``one-segment`` (one segment per stage holding them all) or ``fine``
+    (one segment per checkpoint). The trained model is the same for every layout.
 
     Returns the final state_dict and a function ``trajectory(protocol, fraction)`` that
     builds the :class:`Trajectory` answering that retraining protocol (source-math.md
     §8: the same-epochs protocol trains the target stage for ``fraction`` of its steps).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; choose one of {LAYOUTS}")
     marks: dict[int, list[int]] = {}
-    layout = []
+    plan = []
     for stage_index, stage in enumerate(scenario.stages):
         steps = stage.steps(stage.X.shape[0])
-        bounds = [round(steps * (j + 1) / stage.segments) for j in range(stage.segments)]
-        starts = [0] + bounds[:-1]
-        stage_marks = []
-        for lo, hi in zip(starts, bounds):
-            picks = sorted({max(lo + 1, round(lo + (hi - lo) * (c + 1) / checkpoints_per_segment))
-                            for c in range(checkpoints_per_segment)})
-            stage_marks.append(picks)
-            layout.append((stage_index, hi - lo, len(picks)))
-        marks[stage_index] = [p for ps in stage_marks for p in ps]
+        count = 2 * stage.segments
+        picks = [round(steps * (c + 1) / count) for c in range(count)]
+        marks[stage_index] = picks
+        per_segment = {"default": 2, "one-segment": count, "fine": 1}[layout]
+        start = 0
+        for first in range(0, count, per_segment):
+            end = picks[first + per_segment - 1]
+            plan.append((stage_index, end - start, per_segment))
+            start = end
     full = np.ones((1, scenario.num_targets), dtype=bool)
     params, saved = train_models(scenario, full, np.array([seed]), "steps", marks)
     states = {i: [state_dicts(p)[0] for p in saved[i]] for i in saved}
@@ -234,7 +244,7 @@ def attributed_run(scenario: Scenario, seed: int, checkpoints_per_segment: int =
     def trajectory(protocol: str = "steps", fraction: float = 0.5) -> Trajectory:
         segments, taken = [], {i: 0 for i in states}
         data = {i: (s.X, s.y) for i, s in enumerate(scenario.stages)}
-        for stage_index, steps, count in layout:
+        for stage_index, steps, count in plan:
             stage = scenario.stages[stage_index]
             chosen = states[stage_index][taken[stage_index]:taken[stage_index] + count]
             taken[stage_index] += count

@@ -34,6 +34,7 @@ __all__ = ["Attributor", "FeaturizeReport"]
 
 _FEATURE_DTYPES = ("float16", "float32", "float64")
 _FLOAT16_MAX = 65504.0
+_QUERY_MODES = ("final", "last_segment")
 
 
 @dataclass
@@ -83,6 +84,10 @@ class Attributor:
         Training examples per stored chunk: the unit of resumption.
     device : str or torch.device, optional
         Where gradients are computed (default: the model's device).
+    query : {"final", "last_segment"}
+        Where query gradients ψ are taken: at the final checkpoint (source-math.md §3),
+        or averaged over the last segment's checkpoints, which smooths the noise of one
+        SGD iterate. It changes only scoring, not the store.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class Attributor:
         feature_dtype: str = "float16",
         chunk_size: int = 1024,
         device: str | torch.device | None = None,
+        query: str = "final",
     ) -> None:
         if not isinstance(trajectory, Trajectory):
             raise ConfigurationError(f"trajectory must be a srcproj.Trajectory, got {type(trajectory).__name__}")
@@ -124,7 +130,10 @@ class Attributor:
         self.cache_dtype = "float64" if feature_dtype == "float64" else "float32"
         self.chunk_size = chunk_size
         self.fisher_samples = fisher_samples
-        self._final: tuple[dict, dict] | None = None
+        if query not in _QUERY_MODES:
+            raise ConfigurationError(f"query={query!r}; choose one of {_QUERY_MODES}")
+        self.query = query
+        self._loaded: dict[int, tuple[dict, dict]] = {}
 
         self.sources = [
             ExampleSource(seg.data, f"segment {i}'s data") for i, seg in enumerate(trajectory.segments)
@@ -499,23 +508,40 @@ class Attributor:
         return read
 
     def query_features(self, queries: Any, batch_size: int = 64) -> np.ndarray:
-        """ψ_q = P ∇f(z_q, θ_T) at the final checkpoint, shape ``(Q, k)``."""
+        """ψ_q, shape ``(Q, k)``: the measurement's projected gradient at the query checkpoints.
+
+        With ``query="final"`` that is ``P ∇f(z_q, θ_T)`` at the final checkpoint; with
+        ``query="last_segment"`` its mean over the last segment's checkpoints.
+        """
         source = ExampleSource(queries, "the query set")
         self.task.validate_targets(source.all_targets(), self.num_outputs, source.what)
         return self._measurement_features(source, 0, len(source), batch_size)
 
+    def _parameters(self, index: int) -> tuple[dict, dict]:
+        if index not in self._loaded:
+            self._loaded[index] = self.computer.split(self._load(index), self.device)
+        return self._loaded[index]
+
     def _final_parameters(self) -> tuple[dict, dict]:
-        if self._final is None:
-            self._final = self.computer.split(self._load(len(self.checkpoints) - 1), self.device)
-        return self._final
+        return self._parameters(len(self.checkpoints) - 1)
+
+    def _query_checkpoints(self) -> list[int]:
+        final = len(self.checkpoints) - 1
+        if self.query == "final":
+            return [final]
+        last = self._segment_of(final)
+        return [c for c, (s, _) in enumerate(self.checkpoints) if s == last]
 
     def _measurement_features(self, source: ExampleSource, start: int, stop: int, batch_size: int) -> np.ndarray:
-        final = len(self.checkpoints) - 1
-        trainable, fixed = self._final_parameters()
+        indices = self._query_checkpoints()
+        total = None
         with self.computer.evaluating():
-            rows = self._features(self.computer.measurement_grads, trainable, fixed, source, start, stop,
-                                  batch_size, f"final checkpoint {final}")
-        return rows.to("cpu").numpy().astype(self.cache_dtype)
+            for index in indices:
+                trainable, fixed = self._parameters(index)
+                rows = self._features(self.computer.measurement_grads, trainable, fixed, source, start, stop,
+                                      batch_size, f"query checkpoint {index}").to("cpu", torch.float64)
+                total = rows if total is None else total + rows
+        return (total / len(indices)).numpy().astype(self.cache_dtype)
 
     def score(self, queries: Any, segments: Sequence[int] | None = None, batch_size: int = 64) -> np.ndarray:
         """Scores ``(Q, N)``: positive = including the training example helps the query.

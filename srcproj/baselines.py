@@ -125,16 +125,16 @@ class SourceVariant:
         The same segments and checkpoints described with other steps or learning rates,
         e.g. ``steps = α·K`` for the segments a same-epochs retraining subsampled
         (source-math.md §8). Default: the attributor's own.
-    query : {"final", "last_segment"}
-        Query features at the final checkpoint (SOURCE's definition) or averaged over
-        the last segment's checkpoints.
+    query : {"final", "last_segment"}, optional
+        Query features at the final checkpoint (source-math.md §3) or averaged over the
+        last segment's checkpoints; default: the attributor's ``query`` setting.
     segments : sequence of int, optional
         Segments whose terms are summed (as in :meth:`Attributor.score`).
     """
 
     name = "SOURCE"
 
-    def __init__(self, attributor: Attributor, trajectory: Trajectory | None = None, query: str = "final",
+    def __init__(self, attributor: Attributor, trajectory: Trajectory | None = None, query: str | None = None,
                  segments: Sequence[int] | None = None) -> None:
         self.attributor = _require_attributor(attributor)
         own = attributor.trajectory
@@ -151,6 +151,7 @@ class SourceVariant:
             if len(a.checkpoints) != len(b.checkpoints):
                 raise ConfigurationError(f"segment {i} has {len(a.checkpoints)} checkpoints; the store has "
                                          f"{len(b.checkpoints)}. Only steps and learning rates may change")
+        query = attributor.query if query is None else query
         if query not in ("final", "last_segment"):
             raise ConfigurationError(f"query={query!r}; choose 'final' or 'last_segment'")
         self.trajectory = trajectory

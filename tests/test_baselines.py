@@ -158,6 +158,17 @@ def test_source_variant_retimes_without_recomputing(setup):
     np.testing.assert_allclose(SourceVariant(attr, halved, query="last_segment").score(s["query"]),
                                -psi_mean @ delta, rtol=1e-6, atol=1e-12)
     assert not np.allclose(SourceVariant(attr, halved).score(s["query"]), attr.score(s["query"]), rtol=1e-3)
+    # The Attributor's own query="last_segment" setting: same ψ, the stored caches.
+    averaged = Attributor(s["model"], task, traj, attr.store.location, projector=attr.projector,
+                          feature_dtype="float64", chunk_size=7, hessian="exact", query="last_segment")
+    delta_own = bruteforce.source_displacement(s["model"], task, [
+        {"states": s["states"][0:2], "time_lr": 40 * 0.05, "X": s["a"][0], "y": s["a"][1]},
+        {"states": s["states"][2:4], "time_lr": 30 * 0.08, "X": s["b"][0], "y": s["b"][1]},
+        {"states": s["states"][4:6], "time_lr": 25 * 0.1, "X": s["a"][0], "y": s["a"][1]},
+    ], WD, MOMENTUM, [0, 2])
+    np.testing.assert_allclose(averaged.score(s["query"]), -psi_mean @ delta_own, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(SourceVariant(averaged).score(s["query"]), -psi_mean @ delta_own,
+                               rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(same.self_influence(), attr.self_influence(), rtol=1e-6, atol=1e-12)
 
 
@@ -224,6 +235,9 @@ def test_bad_inputs_are_refused(setup, tmp_path):
         SourceVariant(s["attr"], no_wd)
     with pytest.raises(ConfigurationError, match="query='mean'"):
         SourceVariant(s["attr"], query="mean")
+    with pytest.raises(ConfigurationError, match=r"query='mean'; choose one of \('final', 'last_segment'\)"):
+        Attributor(s["model"], ClassificationTask(), no_wd, tmp_path / "q.zarr", proj_dim=8, query="mean")
+    assert not (tmp_path / "q.zarr").exists()
     model = nn.Sequential(nn.Linear(3, 2)).double()
     X = torch.randn(10, 3, dtype=torch.float64)
     regression = Attributor(model, RegressionTask(), Trajectory([Segment([model.state_dict()], 5, 0.1,
