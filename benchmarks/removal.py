@@ -13,6 +13,7 @@ retrained models are cached under ``--cache`` (shared with benchmarks/lds.py).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import sys
@@ -35,7 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=list(sc.SCENARIOS), choices=sc.SCENARIOS)
     parser.add_argument("--queries", type=int, default=40)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 40, 80])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 40],
+                        help="removal sizes; at most the smallest class's count (66 in two-stage)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--proj-dim", type=int, default=512)
     parser.add_argument("--processes", type=int, default=2)
@@ -56,6 +58,8 @@ def main() -> None:
         correct = np.flatnonzero(select_correct(full_outputs))
         picked = correct[np.linspace(0, len(correct) - 1, min(args.queries, len(correct))).astype(int)]
         queries = (Xq[picked], yq[picked])
+        # Retrained margins are cached for exactly these queries.
+        folder = "models_" + hashlib.sha1(picked.tobytes()).hexdigest()[:12]
 
         _, trajectory = sc.attributed_run(scenario, 1000)
         path = os.path.join(args.cache, "stores", name, "model1000", f"source_k{args.proj_dim}.zarr")
@@ -76,7 +80,7 @@ def main() -> None:
             picked_fn = _Picked(train_fn, picked)
             result = removal_evaluation(scores, scenario.target.y.numpy(), queries[1].numpy(), picked_fn,
                                         sizes=args.sizes, seeds=seeds,
-                                        cache_dir=os.path.join(args.cache, "removal", name, f"models_q{len(picked)}"),
+                                        cache_dir=os.path.join(args.cache, "removal", name, folder),
                                         processes=args.processes, progress=False, models_per_call=40)
             print(f"{label:<16}" + "".join(f"{v:>8.2f}" for v in result.flipped))
             random_row = result.random_flipped

@@ -549,7 +549,8 @@ class Attributor:
         Parameters
         ----------
         queries : Dataset or tuple (X, y)
-            Query examples, scored with the task's measurement at the final checkpoint.
+            Query examples, scored with the task's measurement at the query checkpoints
+            (the final one, or the last segment's with ``query="last_segment"``).
         segments : sequence of int, optional
             0-based segments whose terms are summed (they must share one data object);
             default: the segments that share segment 0's data.

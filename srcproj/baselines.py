@@ -124,7 +124,9 @@ class SourceVariant:
     trajectory : Trajectory, optional
         The same segments and checkpoints described with other steps or learning rates,
         e.g. ``steps = α·K`` for the segments a same-epochs retraining subsampled
-        (source-math.md §8). Default: the attributor's own.
+        (source-math.md §8). Default: the attributor's own. Only its steps and learning
+        rates are read: checkpoints and data always come from the store, and momentum,
+        weight decay, segment count, checkpoint counts and data sizes must match.
     query : {"final", "last_segment"}, optional
         Query features at the final checkpoint (source-math.md §3) or averaged over the
         last segment's checkpoints; default: the attributor's ``query`` setting.
@@ -147,10 +149,19 @@ class SourceVariant:
                 f"{trajectory.data_groups}; the store was made for {len(own.segments)} with "
                 f"{own.data_groups}. Only steps and learning rates may change"
             )
+        if (trajectory.momentum, trajectory.weight_decay) != (own.momentum, own.weight_decay):
+            raise ConfigurationError(
+                f"the trajectory has momentum {trajectory.momentum} and weight decay {trajectory.weight_decay}; "
+                f"the store was made with {own.momentum} and {own.weight_decay}. Only steps and learning rates "
+                "may change"
+            )
         for i, (a, b) in enumerate(zip(trajectory.segments, own.segments)):
             if len(a.checkpoints) != len(b.checkpoints):
                 raise ConfigurationError(f"segment {i} has {len(a.checkpoints)} checkpoints; the store has "
                                          f"{len(b.checkpoints)}. Only steps and learning rates may change")
+            if len(ExampleSource(a.data, f"segment {i}'s data")) != len(attributor.sources[i]):
+                raise ConfigurationError(f"segment {i}'s data has another number of examples than the store's; "
+                                         "only steps and learning rates may change")
         query = attributor.query if query is None else query
         if query not in ("final", "last_segment"):
             raise ConfigurationError(f"query={query!r}; choose 'final' or 'last_segment'")

@@ -247,3 +247,60 @@ def test_bad_inputs_are_refused(setup, tmp_path):
         TRAK(regression)
     with pytest.raises(ConfigurationError, match="expected a srcproj.Attributor"):
         TracIn("store.zarr")
+
+
+def test_self_influence_of_tracin_trak_and_ensembles(setup):
+    s = setup
+    task = ClassificationTask()
+    expected = 0.0
+    for state, lr in zip(s["states"][0:2] + s["states"][4:6], [0.05, 0.05, 0.1, 0.1]):
+        psi = _grads(s, state, task.measurement, *s["a"])
+        expected = expected - lr * np.einsum("np,np->n", psi, _grads(s, state, task.loss, *s["a"]))
+    tracin = TracIn(s["attr"])
+    np.testing.assert_allclose(tracin.self_influence(), expected, rtol=1e-6, atol=1e-12)
+    final = s["states"][-1]
+    phi = _grads(s, final, task.measurement, *s["a"])
+    with torch.no_grad():
+        logits = torch.func.functional_call(s["model"], final, (s["a"][0],))
+    p_correct = torch.softmax(logits, 1).gather(1, s["a"][1][:, None])[:, 0].numpy()
+    kernel_inverse = np.linalg.inv(phi.T @ phi + 0.3 * np.eye(31))
+    trak = TRAK(s["attr"], damping=0.3)
+    np.testing.assert_allclose(trak.self_influence(),
+                               np.einsum("np,pq,nq->n", phi, kernel_inverse, phi) * (1 - p_correct),
+                               rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(Ensemble([tracin, trak]).self_influence(),
+                               (tracin.self_influence() + trak.self_influence()) / 2, rtol=1e-12)
+    # One segment of the data, as Attributor.score(segments=[0]) selects it.
+    np.testing.assert_allclose(SourceVariant(s["attr"], segments=[0]).score(s["query"]),
+                               s["attr"].score(s["query"], segments=[0]), rtol=1e-6, atol=1e-12)
+
+
+def test_more_bad_inputs(setup):
+    s = setup
+    attr, traj = s["attr"], s["traj"]
+    with pytest.raises(ConfigurationError, match="kind='grad'; choose 'loss' or 'measurement'"):
+        attr.checkpoint_features(0, kind="grad")
+    with pytest.raises(ConfigurationError, match="trajectory must be a srcproj.Trajectory"):
+        SourceVariant(attr, trajectory="run")
+    other_momentum = Trajectory(traj.segments, momentum=0.0, weight_decay=WD)
+    with pytest.raises(ConfigurationError, match="momentum 0.0 and weight decay 0.01; the store was made with 0.5"):
+        SourceVariant(attr, other_momentum)
+    smaller = (s["b"][0][:10], s["b"][1][:10])
+    resized = Trajectory([traj.segments[0], Segment(traj.segments[1].checkpoints, 30, 0.08, smaller),
+                          traj.segments[2]], momentum=MOMENTUM, weight_decay=WD)
+    with pytest.raises(ConfigurationError, match="segment 1's data has another number of examples"):
+        SourceVariant(attr, resized)
+    fewer = Trajectory([traj.segments[0], Segment(traj.segments[1].checkpoints[:1], 30, 0.08, s["b"]),
+                        traj.segments[2]], momentum=MOMENTUM, weight_decay=WD)
+    with pytest.raises(ConfigurationError, match="segment 1 has 1 checkpoints; the store has 2"):
+        SourceVariant(attr, fewer)
+    with pytest.raises(ConfigurationError, match="damping=-0.1; it must be a finite number ≥ 0"):
+        TRAK(attr, damping=-0.1)
+    with pytest.raises(ConfigurationError, match="self-similarity is 1 for every example"):
+        RepresentationSimilarity(attr, "1").self_influence()
+    with pytest.raises(ConfigurationError, match="need a score\\(\\) method; got str"):
+        Ensemble(["IF"])
+    with pytest.raises(ConfigurationError, match="expected a srcproj.Trajectory, got list"):
+        average_checkpoints([])
+    with pytest.raises(ConfigurationError, match="a checkpoint must be a state_dict or a path, got int"):
+        average_checkpoints(Trajectory([Segment([3], 4, 0.1, s["a"])]))
