@@ -159,14 +159,14 @@ def method_scores(name: str, scenario: sc.Scenario, seed: int, queries, settings
             variant = SourceVariant(base, trajectory(protocol), query="last_segment")
             scores["SOURCE last-segment query", protocol] = timed("SOURCE last-segment query",
                                                                   lambda v=variant: v.score(queries))
-    for label, (layout, proj_dim, estimator) in SOURCE_VARIANTS.items():
+    for label, (layout, proj_dim, estimator, dtype) in SOURCE_VARIANTS.items():
         if label not in methods:
             continue
         proj_dim = proj_dim or k
         _, layout_trajectory = sc.attributed_run(scenario, seed, layout)
-        path = os.path.join(folder, f"source_{layout}_{estimator}_k{proj_dim}.zarr")
+        path = os.path.join(folder, f"source_{layout}_{estimator}_{dtype}_k{proj_dim}.zarr")
         att = _featurized(model, layout_trajectory("steps"), path, timer, label, proj_dim=proj_dim,
-                          hessian=estimator)
+                          hessian=estimator, feature_dtype=dtype)
         for protocol in PROTOCOLS:
             variant = SourceVariant(att, layout_trajectory(protocol))
             scores[label, protocol] = timed(label, lambda v=variant: v.score(queries))
@@ -203,14 +203,15 @@ def final_losses(scenario: sc.Scenario, seed: int) -> np.ndarray:
 
 # SOURCE settings compared with its defaults (the scenario's segments of 2 checkpoints,
 # k = --proj-dim, exact Hessian): label -> (checkpoint grouping, see
-# scenarios.attributed_run; k, None for --proj-dim; Hessian estimator).
+# scenarios.attributed_run; k, None for --proj-dim; Hessian estimator; feature dtype).
 SOURCE_VARIANTS = {
-    "SOURCE empirical Hessian": ("default", None, "empirical"),
-    "SOURCE fisher Hessian": ("default", None, "fisher"),
-    "SOURCE one segment per stage": ("one-segment", None, "exact"),
-    "SOURCE one checkpoint per segment": ("fine", None, "exact"),
-    "SOURCE k=128": ("default", 128, "exact"),
-    "SOURCE k=2048": ("default", 2048, "exact"),
+    "SOURCE empirical Hessian": ("default", None, "empirical", "float16"),
+    "SOURCE fisher Hessian": ("default", None, "fisher", "float16"),
+    "SOURCE one segment per stage": ("one-segment", None, "exact", "float16"),
+    "SOURCE one checkpoint per segment": ("fine", None, "exact", "float16"),
+    "SOURCE k=128": ("default", 128, "exact", "float16"),
+    "SOURCE k=2048": ("default", 2048, "exact", "float16"),
+    "SOURCE float32 features": ("default", None, "exact", "float32"),
 }
 ALL_METHODS = ("IF", "TracIn", "TRAK (srcproj)", "TRAK (official)", "RepSim", "Fast-SOURCE",
                "SOURCE last-segment query", *SOURCE_VARIANTS)
@@ -228,6 +229,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=Settings.processes)
     parser.add_argument("--cache", default=Settings.cache)
     parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--markdown", default=None, help="file for the results as markdown tables")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: a quick end-to-end check")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
@@ -310,6 +312,41 @@ def main() -> None:
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=1, default=float)
         print(f"\nwrote {args.out}")
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(markdown_tables(results))
+        print(f"wrote {args.markdown}")
+
+
+def markdown_tables(results: dict) -> str:
+    """The LDS tables of docs/benchmarks.md, one per scenario, best single-model first."""
+    lines = []
+    for name, entry in results["scenarios"].items():
+        rows = {}
+        for key, row in entry["lds"].items():
+            method, protocol = key.split(" | ")
+            rows.setdefault(method, {})[protocol] = row
+        lines += [f"### {name}: {entry['description']} ({entry['steps']})", "",
+                  "| method | same steps, 1 model | same epochs, 1 model | same steps, ensemble | "
+                  "same epochs, ensemble | s per model |", "|---|---:|---:|---:|---:|---:|"]
+        for method, row in sorted(rows.items(), key=lambda kv: -kv[1]["steps"]["single"]):
+            cells = []
+            for kind in ("single", "ensemble"):
+                for protocol in ("steps", "epochs"):
+                    r = row[protocol]
+                    lo, hi = r[f"{kind}_ci"]
+                    cells.append((protocol, kind, f"{r[kind]:.3f} [{lo:.3f}, {hi:.3f}]"))
+            ordered = [c[2] for c in sorted(cells, key=lambda c: (c[1] != "single", c[0] != "steps"))]
+            lines.append(f"| {method} | " + " | ".join(ordered) + f" | {row['steps']['seconds_per_model']:.2f} |")
+        lines.append("")
+        if "detection" in entry:
+            lines += ["Mislabeled detection (30% of labels flipped), ensemble-averaged rankings:", "",
+                      "| ranking | ROC-AUC | found in top 5% | 10% | 20% | 30% |", "|---|---:|---:|---:|---:|---:|"]
+            for key, d in entry["detection"].items():
+                found = [d["found"][f] for f in sorted(d["found"], key=float)]
+                lines.append(f"| {key} | {d['auc']:.3f} | " + " | ".join(f"{v:.2f}" for v in found) + " |")
+            lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
