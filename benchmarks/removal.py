@@ -54,7 +54,7 @@ def main() -> None:
         train_fn = sc.GroundTruthFn(name, "steps")
         full = np.ones((1, scenario.num_targets), dtype=bool)
         full_outputs = retrain(train_fn, full, seeds, os.path.join(args.cache, "removal", name, "full"),
-                               progress=False)[0]
+                               progress=False, models_per_call=len(seeds))[0]
         correct = np.flatnonzero(select_correct(full_outputs))
         picked = correct[np.linspace(0, len(correct) - 1, min(args.queries, len(correct))).astype(int)]
         queries = (Xq[picked], yq[picked])

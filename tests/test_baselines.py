@@ -67,7 +67,8 @@ def setup(tmp_path_factory):
     p = sum(v.numel() for v in model.parameters())
     q, _ = torch.linalg.qr(torch.randn(p, p, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
     attr = Attributor(model, ClassificationTask(), traj, tmp_path_factory.mktemp("b") / "s.zarr",
-                      projector=MatrixProjector(q), feature_dtype="float64", chunk_size=7, hessian="exact")
+                      projector=MatrixProjector(q), feature_dtype="float64", chunk_size=7, hessian="exact",
+                      query="final")
     attr.featurize(batch_size=4, progress=False)
     names = [n for n, _ in model.named_parameters()]
     return {"model": model, "traj": traj, "attr": attr, "states": states, "names": names,

@@ -477,8 +477,13 @@ def test_nan_query_input(tiny_run, store):
     attr = tiny_run.attributor(path)
     Xq = tiny_run.Xq.clone()
     Xq[4, 0] = float("nan")
-    with pytest.raises(NonFiniteGradientError, match=r"final checkpoint 1: the gradient of example 4 of the query set"):
+    # Queries are measured at the last segment's checkpoints (0 and 1): the first names it.
+    with pytest.raises(NonFiniteGradientError,
+                       match=r"checkpoint 0 \(segment 0\): the gradient of example 4 of the query set"):
         attr.score((Xq, tiny_run.yq))
+    final_only = tiny_run.attributor(path, query="final")
+    with pytest.raises(NonFiniteGradientError, match=r"final checkpoint 1: the gradient of example 4 of the query set"):
+        final_only.score((Xq, tiny_run.yq))
     assert_store_intact(tiny_run, path, baseline)
 
 

@@ -66,7 +66,7 @@ def test_orthogonal_projection_equals_full_space_brute_force(three_segments, tmp
     p = sum(v.numel() for v in model.parameters())
     task = ClassificationTask()
     attr = Attributor(model, task, traj, tmp_path / "exact.zarr", projector=MatrixProjector(orthogonal(p, 5)),
-                      feature_dtype="float64", chunk_size=6, hessian="exact")
+                      feature_dtype="float64", chunk_size=6, hessian="exact", query="final")
     attr.featurize(batch_size=4, progress=False)
 
     expected_a = bruteforce.source_scores(model, task, brute_segments, 0.01, 0.5, query, selected=[0, 2])
@@ -101,7 +101,7 @@ def test_rademacher_projection_stays_close_to_brute_force(tmp_path):
     correlations = []
     for seed in range(2):
         attr = Attributor(model, task, traj, tmp_path / f"r{seed}.zarr", proj_dim=96, seed=seed,
-                          feature_dtype="float32", chunk_size=32)
+                          feature_dtype="float32", chunk_size=32, query="final")
         attr.featurize(progress=False)
         scores = attr.score(query)
         correlations.append(np.corrcoef(scores.ravel(), brute.ravel())[0, 1])
@@ -189,7 +189,8 @@ def test_linear_regression_matches_unrolled_derivative_and_finer_segments_help(t
         for seg in segments:
             seg.data = data
         attr = Attributor(model, RegressionTask(), Trajectory(segments), tmp_path / f"lin{count}.zarr",
-                          projector=MatrixProjector(orthogonal(5, 2)), feature_dtype="float64", chunk_size=16)
+                          projector=MatrixProjector(orthogonal(5, 2)), feature_dtype="float64", chunk_size=16,
+                          query="final")
         attr.featurize(progress=False)
         scores = attr.score((Xq, yq))
         errors[count] = np.linalg.norm(scores - exact) / np.linalg.norm(exact)
