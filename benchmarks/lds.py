@@ -68,6 +68,7 @@ class Settings:
     processes: int = 2
     cache: str = "benchmarks/.cache"
     batch: int = 50
+    stores: str | None = None
 
 
 # Each split has its own subsets, retraining seeds, attributed models and queries, so
@@ -122,7 +123,7 @@ def method_scores(name: str, scenario: sc.Scenario, seed: int, queries, settings
                   methods: set[str], timer: Timed) -> tuple[dict, dict]:
     """Scores (Q, N_target) per (method, protocol) for one attributed model; self-influence too."""
     final, trajectory = sc.attributed_run(scenario, seed)
-    folder = os.path.join(settings.cache, "stores", name, f"model{seed}")
+    folder = os.path.join(settings.stores or os.path.join(settings.cache, "stores"), name, f"model{seed}")
     os.makedirs(folder, exist_ok=True)
     k = settings.proj_dim
     model = make_mlp(sc.HIDDEN)
@@ -170,6 +171,15 @@ def method_scores(name: str, scenario: sc.Scenario, seed: int, queries, settings
         for protocol in PROTOCOLS:
             variant = SourceVariant(att, layout_trajectory(protocol))
             scores[label, protocol] = timed(label, lambda v=variant: v.score(queries))
+    if "SOURCE Kronecker projection" in methods:
+        from srcproj import KroneckerProjector
+
+        label = "SOURCE Kronecker projection"
+        att = _featurized(model, trajectory("steps"), os.path.join(folder, f"kronecker_k{k}.zarr"), timer, label,
+                          projector=KroneckerProjector(k, seed=0))
+        for protocol in PROTOCOLS:
+            variant = SourceVariant(att, trajectory(protocol))
+            scores[label, protocol] = timed(label, lambda v=variant: v.score(queries))
     if "Fast-SOURCE" in methods:
         att = _featurized(model, average_checkpoints(trajectory("steps")), os.path.join(folder, f"fast_k{k}.zarr"),
                           timer, "Fast-SOURCE", proj_dim=k)
@@ -214,7 +224,7 @@ SOURCE_VARIANTS = {
     "SOURCE float32 features": ("default", None, "exact", "float32"),
 }
 ALL_METHODS = ("IF", "TracIn", "TRAK (srcproj)", "TRAK (official)", "RepSim", "Fast-SOURCE",
-               "SOURCE last-segment query", *SOURCE_VARIANTS)
+               "SOURCE last-segment query", *SOURCE_VARIANTS, "SOURCE Kronecker projection")
 
 
 def main() -> None:
@@ -228,16 +238,18 @@ def main() -> None:
     parser.add_argument("--proj-dim", type=int, default=Settings.proj_dim)
     parser.add_argument("--processes", type=int, default=Settings.processes)
     parser.add_argument("--cache", default=Settings.cache)
+    parser.add_argument("--stores", default=None, help="folder for the attribution stores (default: CACHE/stores)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("--markdown", default=None, help="file for the results as markdown tables")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: a quick end-to-end check")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    settings = Settings(args.subsets, args.seeds, args.models, args.proj_dim, 360, args.processes, args.cache)
+    settings = Settings(args.subsets, args.seeds, args.models, args.proj_dim, 360, args.processes, args.cache,
+                        stores=args.stores)
     if args.smoke:
         settings = Settings(subsets=12, seeds=2, models=2, proj_dim=64, queries=40, processes=1,
-                            cache=args.cache, batch=12)
+                            cache=args.cache, batch=12, stores=args.stores)
     methods = set(args.methods)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; split {args.split}; "
           f"{settings.subsets} subsets × {settings.seeds} seeds, {settings.models} models, k = {settings.proj_dim}")

@@ -12,7 +12,7 @@ from .errors import (
     StoreError,
     StoreMismatchError,
 )
-from .projection import FastJLProjector, MatrixProjector, Projector, RademacherProjector
+from .projection import FastJLProjector, KroneckerProjector, MatrixProjector, Projector, RademacherProjector
 from .scoring import TopK
 from .tasks import ClassificationTask, RegressionTask, Task
 from .trajectory import Segment, Trajectory
@@ -27,6 +27,7 @@ __all__ = [
     "RegressionTask",
     "Projector",
     "RademacherProjector",
+    "KroneckerProjector",
     "MatrixProjector",
     "FastJLProjector",
     "TopK",

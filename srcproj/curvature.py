@@ -57,11 +57,14 @@ def _psd_sqrt(matrices: Tensor) -> Tensor:
 def exact_hessian_batch(
     computer: GradientComputer, projector: Projector, trainable: dict, fixed: dict, x: Tensor, y: Tensor
 ) -> Tensor:
-    """Rows whose outer products sum to ``Σ_i P J_iᵀ Λ_i J_i Pᵀ`` over the batch."""
-    jacobians, outputs = computer.output_jacobians(trainable, fixed, x)
-    batch, num_outputs, num_params = jacobians.shape
-    projected = projector.project(jacobians.reshape(batch * num_outputs, num_params))
-    projected = projected.reshape(batch, num_outputs, -1).to(torch.float64)
+    """Rows whose outer products sum to ``Σ_i P J_iᵀ Λ_i J_i Pᵀ`` over the batch.
+
+    The projected Jacobians ``P J_iᵀ`` come from ``projector.output_features``: flat
+    Jacobians projected for a dense projector, one backward pass per output through
+    the layers for the factored one.
+    """
+    projected, outputs = projector.output_features(computer, trainable, fixed, x)
+    projected = projected.to(torch.float64)
     factor = _psd_sqrt(computer.task.output_hessian(outputs.detach(), y.to(outputs.device)))
     factor = factor.to(projected.device)
     # (Λ^{1/2})ᵀ (P Jᵀ)ᵀ: one weighted vector per output direction and example.
@@ -85,8 +88,8 @@ def fisher_hessian_batch(
     rows = []
     for _ in range(samples):
         sampled = computer.task.sample_targets(outputs, generator)
-        grads = computer.loss_grads(trainable, fixed, x, sampled)
-        rows.append(projector.project(grads).to(torch.float64) / np.sqrt(samples))
+        features = projector.features(computer, trainable, fixed, x, sampled, "loss")
+        rows.append(features.to(torch.float64) / np.sqrt(samples))
     return torch.cat(rows)
 
 

@@ -1,7 +1,10 @@
 """Per-example gradients with torch.func, for one checkpoint at a time.
 
-This module knows about models, checkpoints and tasks and nothing about projection or
-storage: it turns ``(state, x, y)`` into flat per-example gradient rows ``(B, p)``.
+This module knows about models, checkpoints and tasks and nothing about storage: it
+turns ``(state, x, y)`` into flat per-example gradient rows ``(B, p)``, and, for the
+factored projection, captures the inputs and output gradients of Linear and Conv2d
+layers in one batched forward and backward pass (:class:`LayerCapture`), whose
+products ``Σ_t δ_t a_tᵀ`` are the layers' per-example weight gradients.
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from typing import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
@@ -19,7 +24,10 @@ from .errors import CheckpointMismatchError, ConfigurationError, DataError
 from .tasks import Task
 from .trajectory import Checkpoint
 
-__all__ = ["GradientComputer"]
+__all__ = ["GradientComputer", "FactoredLayer", "LayerCapture", "factored_layers", "layer_inputs",
+           "not_factored_reasons", "project_layer_inputs", "verify_factored"]
+
+KINDS = ("loss", "measurement")
 
 
 def _tensor_digest(digest: "hashlib._Hash", name: str, tensor: Tensor) -> None:
@@ -30,6 +38,244 @@ def _tensor_digest(digest: "hashlib._Hash", name: str, tensor: Tensor) -> None:
     digest.update(name.encode())
     digest.update(str(tuple(tensor.shape)).encode())
     digest.update(flat.to("cpu", torch.float64).numpy().tobytes())
+
+
+@dataclass(frozen=True)
+class FactoredLayer:
+    """A layer whose per-example weight gradient is ``Σ_t δ_t a_tᵀ`` (source-math.md §3).
+
+    ``a_t`` is the layer's input at position ``t`` (for a Conv2d, the input patch of
+    output pixel ``t``) and ``δ_t`` the gradient of the objective in the layer's output
+    there. An attributed bias is the weight of an extra input column of ones.
+    """
+
+    module: str  # name in model.named_modules()
+    kind: str  # "linear" or "conv2d"
+    weight: str  # parameter name of the weight
+    bias: str | None  # parameter name of the bias when it is attributed
+    d_out: int  # output features (Linear) or channels (Conv2d)
+    d_in: int  # inputs per output: in_features, or in_channels·kh·kw (without the bias column)
+
+    @property
+    def d_in_total(self) -> int:
+        """Inputs per output including the bias column of ones."""
+        return self.d_in + (1 if self.bias is not None else 0)
+
+
+def _factorable(module: nn.Module) -> tuple[str | None, str]:
+    """``(kind, why not)`` for a module; kind is None when its gradient is not factored."""
+    if isinstance(module, nn.Linear):
+        if type(module).forward is not nn.Linear.forward:
+            return None, f"{type(module).__name__} overrides Linear.forward"
+        return "linear", ""
+    if isinstance(module, nn.Conv2d):
+        if type(module).forward is not nn.Conv2d.forward:
+            return None, f"{type(module).__name__} overrides Conv2d.forward"
+        if module.groups != 1:
+            return None, f"Conv2d with groups={module.groups}"
+        if module.padding_mode != "zeros":
+            return None, f"Conv2d with padding_mode={module.padding_mode!r}"
+        return "conv2d", ""
+    return None, f"{type(module).__name__} is neither Linear nor Conv2d"
+
+
+def factored_layers(model: nn.Module, param_names: Sequence[str]) -> tuple[list[FactoredLayer], list[str]]:
+    """Split the attributed parameters into factored layers and the other parameters.
+
+    A layer is factored when it is an ``nn.Linear`` or an ``nn.Conv2d`` (``groups=1``,
+    zero padding, the stock ``forward``) whose weight is attributed; its bias joins it
+    when attributed too. Every other attributed parameter (LayerNorm, embeddings, other
+    layer types, a bias whose weight is frozen) is returned in the second list, in
+    ``param_names`` order.
+    """
+    wanted = set(param_names)
+    layers: list[FactoredLayer] = []
+    claimed: set[str] = set()
+    for name, module in model.named_modules():
+        kind, _ = _factorable(module)
+        weight = f"{name}.weight" if name else "weight"
+        if kind is None or weight not in wanted or module.weight is None:
+            continue
+        bias_name = f"{name}.bias" if name else "bias"
+        bias = bias_name if module.bias is not None and bias_name in wanted else None
+        d_out = int(module.weight.shape[0])
+        d_in = int(module.weight[0].numel())
+        layers.append(FactoredLayer(name, kind, weight, bias, d_out, d_in))
+        claimed.update({weight} | ({bias} if bias else set()))
+    return layers, [n for n in param_names if n not in claimed]
+
+
+def not_factored_reasons(model: nn.Module, param_names: Sequence[str]) -> dict[str, str]:
+    """For each attributed parameter outside a factored layer: why (for error messages)."""
+    layers, others = factored_layers(model, param_names)
+    modules = dict(model.named_modules())
+    reasons = {}
+    for pname in others:
+        owner, _, leaf = pname.rpartition(".")
+        module = modules.get(owner)
+        if module is None:
+            reasons[pname] = "not a parameter of a submodule"
+            continue
+        kind, why = _factorable(module)
+        reasons[pname] = why if kind is None else f"the layer's weight is not attributed ({leaf} alone)"
+    return reasons
+
+
+def _check_input(layer: FactoredLayer, x: Tensor) -> None:
+    if layer.kind == "linear" and x.ndim < 2:
+        raise DataError(f"layer {layer.module!r} received an input of shape {tuple(x.shape)}; "
+                        "the factored projection needs a batch dimension")
+    if layer.kind == "conv2d" and x.ndim != 4:
+        raise DataError(f"Conv2d {layer.module!r} received an input of shape {tuple(x.shape)}; "
+                        "the factored projection needs batched (B, C, H, W) inputs")
+
+
+def layer_inputs(layer: FactoredLayer, module: nn.Module, x: Tensor) -> Tensor:
+    """The layer's inputs ``a_t`` as ``(B, T, d_in)``: positions (or Conv2d patches) in the middle."""
+    _check_input(layer, x)
+    if layer.kind == "linear":
+        return x.reshape(x.shape[0], -1, layer.d_in)
+    padding = module.padding
+    if isinstance(padding, str):  # "same" / "valid": pad explicitly as Conv2d does
+        x = F.pad(x, module._reversed_padding_repeated_twice)
+        padding = 0
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    return cols.transpose(1, 2)  # (B, L, C·kh·kw), channel-major like weight[o].reshape(-1)
+
+
+def project_layer_inputs(layer: FactoredLayer, module: nn.Module, x: Tensor, p_in: Tensor) -> Tensor:
+    """``P_in a_t`` for every position, ``(B, T, k_in)``, without forming the patches.
+
+    ``p_in`` is ``k_in × (d_in [+ 1])``; its last column, when the bias is attributed,
+    multiplies the input column of ones. For a Conv2d, projecting every patch is a
+    convolution with ``P_in`` as its kernel (much faster than unfolding the patches).
+    """
+    _check_input(layer, x)
+    weight = p_in[:, : layer.d_in]
+    if layer.kind == "linear":
+        projected = x.reshape(x.shape[0], -1, layer.d_in) @ weight.T
+    else:
+        kernel = weight.reshape(p_in.shape[0], *module.weight.shape[1:])
+        out = F.conv2d(x, kernel, None, module.stride, module.padding, module.dilation)
+        projected = out.reshape(out.shape[0], out.shape[1], -1).transpose(1, 2)
+    if layer.bias is not None:
+        projected = projected + p_in[:, layer.d_in]
+    return projected
+
+
+def _layer_delta(layer: FactoredLayer, grad_out: Tensor) -> Tensor:
+    """The output gradient as ``(B, T, d_out)``."""
+    if layer.kind == "linear":
+        return grad_out.reshape(grad_out.shape[0], -1, layer.d_out)
+    return grad_out.reshape(grad_out.shape[0], layer.d_out, -1).transpose(1, 2)
+
+
+class LayerCapture:
+    """One batched forward with hooks on factored layers, then backward passes.
+
+    The forward records, for every call of every layer, ``input_fn(i, module, x)`` with
+    ``x`` the module's (detached) input tensor; ``input_fn`` should reduce it at once
+    (e.g. :func:`project_layer_inputs`), so later in-place operations cannot alter it.
+    It keeps
+    the layer's output in the autograd graph. :meth:`backward` then returns, for a
+    scalar objective that is a sum of per-example terms, the output gradients
+    ``δ (B, T, d_out)`` of every call. In eval mode the examples of a batch are
+    independent, so row ``b`` of ``δ`` is the gradient of example ``b``'s own term.
+
+    Parameters are never differentiated: the graph starts at the first hooked layer.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[FactoredLayer],
+                 input_fn: Callable[[int, nn.Module, Tensor], object]) -> None:
+        self.model = model
+        self.layers = list(layers)
+        self.input_fn = input_fn
+        modules = dict(model.named_modules())
+        self.modules = [modules[layer.module] for layer in self.layers]
+        self.inputs: list[list[object]] = [[] for _ in self.layers]
+        self._outputs: list[list[Tensor]] = [[] for _ in self.layers]
+
+    def _hook(self, index: int):
+        layer = self.layers[index]
+
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            self.inputs[index].append(self.input_fn(index, module, args[0].detach()))
+            tracked = output if output.requires_grad else output.detach().requires_grad_(True)
+            self._outputs[index].append(tracked)
+            # A copy goes on: an in-place op downstream (ReLU(inplace=True)) must not
+            # change the tensor whose gradient is δ.
+            return tracked.clone()
+
+        return hook
+
+    def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        try:
+            with torch.enable_grad():
+                return functional_call(self.model, dict(params), (x,))
+        except RuntimeError as exc:
+            raise DataError(f"the model failed on inputs of shape {tuple(x.shape)} (batch first): {exc}") from exc
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def backward(self, objective: Tensor, retain_graph: bool = False) -> list[list[Tensor]]:
+        """``δ`` per layer and call for ``objective`` (a scalar: the sum over examples)."""
+        flat = [t for outs in self._outputs for t in outs]
+        if not flat:
+            return [[] for _ in self.layers]
+        if objective.requires_grad:
+            grads = torch.autograd.grad(objective, flat, retain_graph=retain_graph, allow_unused=True)
+        else:  # the objective does not depend on any hooked layer
+            grads = [None] * len(flat)
+        out, position = [], 0
+        for layer, outs in zip(self.layers, self._outputs):
+            deltas = []
+            for tracked in outs:
+                g = grads[position]
+                position += 1
+                deltas.append(_layer_delta(layer, torch.zeros_like(tracked) if g is None else g))
+            out.append(deltas)
+        return out
+
+
+def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: Mapping[str, Tensor],
+                    x: Tensor, tolerance: float = 1e-3) -> list[str]:
+    """Modules among ``layers`` whose per-example weight gradient on ``x`` is not ``Σ_t δ_t a_tᵀ``.
+
+    Compares, for a fixed weighted sum of the outputs, the gradients rebuilt from the
+    hooks with autograd's per-example gradients. A layer fails when its weight is also
+    used outside the module's own forward (``nn.MultiheadAttention`` reads
+    ``out_proj.weight`` directly, tied weights) or the layer mixes examples of a batch.
+    """
+    if not layers:
+        return []
+    capture = LayerCapture(model, layers, lambda index, module, a: layer_inputs(layers[index], module, a).clone())
+    outputs = capture.forward(params, x)
+    with torch.enable_grad():  # the caller may be under no_grad: keep the graph
+        flat = outputs.reshape(outputs.shape[0], -1)
+        weights = torch.linspace(0.5, 1.5, flat.shape[1], dtype=flat.dtype, device=flat.device)
+        objective = (flat * weights).sum()
+    deltas = capture.backward(objective)
+    names = [layer.weight for layer in layers]
+    reference = {n: [] for n in names}
+    for b in range(x.shape[0]):  # plain autograd, one example at a time
+        leaves = {n: params[n].detach().clone().requires_grad_(True) for n in names}
+        with torch.enable_grad():
+            out = functional_call(model, {**params, **leaves}, (x[b:b + 1],))
+            grads = torch.autograd.grad((out.reshape(-1) * weights).sum(), list(leaves.values()), allow_unused=True)
+        for n, g in zip(names, grads):
+            reference[n].append(torch.zeros_like(leaves[n]) if g is None else g)
+    failed = []
+    for index, layer in enumerate(layers):
+        want = torch.stack(reference[layer.weight]).reshape(x.shape[0], layer.d_out, layer.d_in)
+        have = torch.zeros_like(want)
+        for a, d in zip(capture.inputs[index], deltas[index]):
+            have = have + torch.einsum("btk,btj->bkj", d, a)
+        scale = float(want.abs().max())
+        if float((have - want).abs().max()) > tolerance * max(scale, 1e-30) and scale + float(have.abs().max()) > 0:
+            failed.append(layer.module)
+    return failed
 
 
 class GradientComputer:
@@ -159,6 +405,18 @@ class GradientComputer:
             x = x.to(dtype)
         return x, y.to(device)
 
+    def prepare(self, trainable: dict, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` on the parameters' device, floating inputs in their dtype."""
+        return self._prepare(x, y, trainable, next(iter(trainable.values())).device)
+
+    def objective(self, kind: str):
+        """The task's per-example function for ``kind``: "loss" or "measurement"."""
+        if kind == "loss":
+            return self.task.loss
+        if kind == "measurement":
+            return self.task.measurement
+        raise ConfigurationError(f"kind={kind!r}; choose one of {KINDS}")
+
     def forward(self, trainable: dict, fixed: dict, x: Tensor) -> Tensor:
         try:
             return functional_call(self.model, {**trainable, **fixed}, (x,))
@@ -167,11 +425,25 @@ class GradientComputer:
                 f"the model failed on inputs of shape {tuple(x.shape)} (batch first): {exc}"
             ) from exc
 
-    def _flatten(self, grads: Mapping[str, Tensor], lead: int) -> Tensor:
-        return torch.cat([grads[n].reshape(*grads[n].shape[:lead], -1) for n in self.param_names], dim=lead)
+    def _flatten(self, grads: Mapping[str, Tensor], lead: int, names: Sequence[str] | None = None) -> Tensor:
+        names = self.param_names if names is None else names
+        return torch.cat([grads[n].reshape(*grads[n].shape[:lead], -1) for n in names], dim=lead)
 
-    def _per_example(self, fn, trainable: dict, fixed: dict, x: Tensor, y: Tensor) -> Tensor:
+    def _subset(self, trainable: dict, fixed: dict, names: Sequence[str] | None) -> tuple[dict, dict]:
+        """``(differentiated, held fixed)`` when only ``names`` are differentiated."""
+        if names is None:
+            return trainable, fixed
+        unknown = [n for n in names if n not in trainable]
+        if unknown:
+            raise ConfigurationError(f"parameters {unknown[:5]} are not attributed")
+        chosen = set(names)
+        return ({n: trainable[n] for n in names},
+                {**fixed, **{n: v for n, v in trainable.items() if n not in chosen}})
+
+    def _per_example(self, fn, trainable: dict, fixed: dict, x: Tensor, y: Tensor,
+                     names: Sequence[str] | None = None, pieces: bool = False) -> Tensor | list[Tensor]:
         model = self.model
+        trainable, fixed = self._subset(trainable, fixed, names)
 
         def single(params: dict, xi: Tensor, yi: Tensor) -> Tensor:
             out = functional_call(model, {**params, **fixed}, (xi.unsqueeze(0),))
@@ -184,7 +456,20 @@ class GradientComputer:
                 f"per-example gradients failed on inputs of shape {tuple(x.shape)} "
                 f"and targets of shape {tuple(y.shape)}: {exc}"
             ) from exc
-        return self._flatten(grads, 1)
+        if pieces:
+            return [grads[n].reshape(x.shape[0], -1) for n in (self.param_names if names is None else names)]
+        return self._flatten(grads, 1, names)
+
+    def per_example_grads(self, trainable: dict, fixed: dict, x: Tensor, y: Tensor, kind: str = "loss",
+                          names: Sequence[str] | None = None, pieces: bool = False) -> Tensor | list[Tensor]:
+        """Per-example gradients of the loss or measurement, ``(B, p)``; ``names``: only those parameters.
+
+        ``pieces=True``: one ``(B, p_i)`` tensor per parameter instead of their
+        concatenation (the columns of the rows, in order, without the copy).
+        """
+        fn = self.objective(kind)
+        x, y = self.prepare(trainable, x, y)
+        return self._per_example(fn, trainable, fixed, x, y, names, pieces)
 
     def loss_grads(self, trainable: dict, fixed: dict, x: Tensor, y: Tensor) -> Tensor:
         """Per-example gradients of the training loss, shape ``(B, p)``."""
@@ -198,16 +483,22 @@ class GradientComputer:
         x, y = self._prepare(x, y, trainable, device)
         return self._per_example(self.task.measurement, trainable, fixed, x, y)
 
-    def output_jacobians(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-example Jacobians of the outputs ``(B, C, p)`` and the outputs ``(B, C)``."""
+    def output_jacobians(self, trainable: dict, fixed: dict, x: Tensor,
+                         names: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
+        """Per-example Jacobians of the outputs ``(B, C, p)`` and the outputs ``(B, C)``.
+
+        ``names``: differentiate only those parameters (the Jacobian has their columns).
+        """
         device = next(iter(trainable.values())).device
         x, _ = self._prepare(x, torch.zeros(0), trainable, device)
         model = self.model
+        outer_trainable, outer_fixed = trainable, fixed
+        trainable, fixed = self._subset(trainable, fixed, names)
 
         def single(params: dict, xi: Tensor) -> Tensor:
             return functional_call(model, {**params, **fixed}, (xi.unsqueeze(0),)).reshape(-1)
 
         jac = vmap(jacrev(single), in_dims=(None, 0))(trainable, x)
         with torch.no_grad():
-            outputs = self.forward(trainable, fixed, x)
-        return self._flatten(jac, 2), outputs.reshape(outputs.shape[0], -1)
+            outputs = self.forward(outer_trainable, outer_fixed, x)
+        return self._flatten(jac, 2, names), outputs.reshape(outputs.shape[0], -1)

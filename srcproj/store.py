@@ -16,6 +16,11 @@ Layout (``c`` a checkpoint in training order, ``l`` a segment)::
 A unit of work is written first and marked done after, each marker in its own zarr
 chunk, so an interrupted job leaves either a finished unit or one that is redone. On a
 local file system the chunk file is fsync'ed before its marker is set.
+
+The location may be a directory or any zarr store URL (``memory://``, ``s3://``...,
+opened by zarr through fsspec). Several processes may write one store at once (a
+distributed featurize): each row chunk and each marker is written by exactly one
+process, and rank 0 alone creates the group and the arrays before the others open them.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import StoreError, StoreMismatchError
 
-__all__ = ["AttributionStore"]
+__all__ = ["AttributionStore", "metadata_differences"]
 
 FORMAT_VERSION = 1
 _UNCHECKED = {"library_version", "created"}
@@ -45,7 +50,9 @@ def _show(location: Any) -> Any:
     return os.fspath(location) if isinstance(location, os.PathLike) else location
 
 
-def _differences(stored: Any, wanted: Any, path: str = "") -> list[str]:
+def _differences(stored: Any, wanted: Any, path: str = "",
+                 where: tuple[str, str] = ("in the store", "now")) -> list[str]:
+    here, there = where
     if isinstance(stored, dict) and isinstance(wanted, dict):
         out: list[str] = []
         for key in sorted(set(stored) | set(wanted)):
@@ -53,17 +60,17 @@ def _differences(stored: Any, wanted: Any, path: str = "") -> list[str]:
                 continue
             sub = f"{path}.{key}" if path else str(key)
             if key not in stored or key not in wanted:
-                out.append(f"{sub}: {'absent' if key not in stored else stored[key]!r} in the store, "
-                           f"{'absent' if key not in wanted else wanted[key]!r} now")
+                out.append(f"{sub}: {'absent' if key not in stored else stored[key]!r} {here}, "
+                           f"{'absent' if key not in wanted else wanted[key]!r} {there}")
             else:
-                out.extend(_differences(stored[key], wanted[key], sub))
+                out.extend(_differences(stored[key], wanted[key], sub, where))
         return out
     if isinstance(stored, list) and isinstance(wanted, list):
         if len(stored) != len(wanted):
-            return [f"{path}: {len(stored)} entries in the store, {len(wanted)} now"]
+            return [f"{path}: {len(stored)} entries {here}, {len(wanted)} {there}"]
         out = []
         for i, (a, b) in enumerate(zip(stored, wanted)):
-            out.extend(_differences(a, b, f"{path}[{i}]"))
+            out.extend(_differences(a, b, f"{path}[{i}]", where))
         return out
     if isinstance(stored, float) or isinstance(wanted, float):
         try:
@@ -71,7 +78,13 @@ def _differences(stored: Any, wanted: Any, path: str = "") -> list[str]:
                 return []
         except (TypeError, ValueError):
             pass
-    return [] if stored == wanted else [f"{path}: {stored!r} in the store, {wanted!r} now"]
+    return [] if stored == wanted else [f"{path}: {stored!r} {here}, {wanted!r} {there}"]
+
+
+def metadata_differences(first: dict, second: dict, where: tuple[str, str] = ("in the store", "now")) -> str:
+    """The differences of two metadata dicts as one line ("" when they agree)."""
+    diffs = _differences(json.loads(json.dumps(first)), json.loads(json.dumps(second)), "", where)
+    return "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
 
 
 class AttributionStore:
@@ -99,8 +112,14 @@ class AttributionStore:
         return None
 
     @classmethod
-    def open(cls, location: Any, metadata: dict) -> "AttributionStore":
-        """Open ``location``, creating the store if absent; refuse one made for other inputs."""
+    def open(cls, location: Any, metadata: dict, create: bool = True) -> "AttributionStore":
+        """Open ``location``, creating the store if absent; refuse one made for other inputs.
+
+        ``location`` is a directory path, any zarr store URL (``"memory://run"``,
+        ``"s3://bucket/run.zarr"``: zarr opens it through fsspec) or a zarr store
+        object. With ``create=False`` the store must exist already (the other ranks
+        of a distributed job open the store that rank 0 created).
+        """
         local = cls._local_path(location)
         if local is not None and os.path.isfile(local):
             raise StoreError(f"store path {local!r} is a file; give a directory path (e.g. 'run.zarr')")
@@ -110,20 +129,25 @@ class AttributionStore:
             raise StoreError(
                 f"{local!r} is a non-empty directory that is not a zarr store; choose another path"
             )
+        if not create and local is not None and not os.path.exists(os.path.join(local, "zarr.json")):
+            raise StoreError(f"no store at {local!r}")
         try:
-            group = zarr.open_group(location, mode="a", zarr_format=3)
+            group = zarr.open_group(location, mode="a" if create else "r+", zarr_format=3)
         except Exception as exc:  # zarr raises several types for unusable locations
+            if not create:
+                raise StoreError(f"no store at {_show(location)!r} ({type(exc).__name__}: {exc})") from exc
             raise StoreError(f"cannot open a zarr store at {_show(location)!r}: {exc}") from exc
         full = {"format": FORMAT_VERSION, **metadata}
         if "srcproj" not in group.attrs:
             if len(list(group.keys())):
                 raise StoreError(f"{_show(location)!r} is a zarr store that srcproj did not make; choose another path")
+            if not create:
+                raise StoreError(f"{_show(location)!r} is not a srcproj store (no srcproj metadata)")
             group.attrs["srcproj"] = json.loads(json.dumps(full))
         else:
             stored = dict(group.attrs["srcproj"])
-            diffs = _differences(stored, json.loads(json.dumps(full)))
-            if diffs:
-                shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+            shown = metadata_differences(stored, full)
+            if shown:
                 raise StoreMismatchError(
                     f"the store at {_show(location)!r} was made for other inputs ({shown}). Use a new store "
                     "path, or delete this one to recompute"
@@ -180,10 +204,19 @@ class AttributionStore:
         try:
             return array[start:stop]
         except Exception as exc:
-            chunk = start // array.chunks[0]
+            # Several chunks were read at once: name the first one that fails on its own.
+            rows = array.chunks[0]
+            chunk, error = start // rows, exc
+            for index in range(start // rows, -(-stop // rows)):
+                try:
+                    array[index * rows:min((index + 1) * rows, array.shape[0])]
+                except Exception as own:  # noqa: BLE001 - reported below
+                    chunk, error = index, own
+                    break
+            first, last = chunk * rows, min((chunk + 1) * rows, array.shape[0]) - 1
             raise StoreError(
-                f"array {name!r}, chunk {chunk} (rows {start}..{stop - 1}) of {self.location!r} "
-                f"cannot be read: {exc}. The file is damaged; delete this array's chunk file "
+                f"array {name!r}, chunk {chunk} (rows {first}..{last}) of {self.location!r} "
+                f"cannot be read: {error}. The file is damaged; delete this array's chunk file "
                 "and the matching _done flag to recompute it"
             ) from exc
 
@@ -208,9 +241,17 @@ class AttributionStore:
                     os.close(fd)
 
     def nbytes_stored(self) -> int:
-        """Bytes on disk (local stores only; 0 elsewhere)."""
+        """Bytes stored: on disk for a local store, through fsspec for a URL; 0 when unknown."""
         if self._local_root is None:
-            return 0
+            if "://" not in self.location:
+                return 0
+            try:  # an fsspec URL (memory://, s3://...): ask its file system
+                import fsspec
+
+                fs, path = fsspec.core.url_to_fs(self.location)
+                return int(fs.du(path, total=True))
+            except Exception:  # noqa: BLE001 - a size is optional
+                return 0
         total = 0
         for root, _, files in os.walk(self._local_root):
             total += sum(os.path.getsize(os.path.join(root, f)) for f in files)

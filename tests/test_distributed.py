@@ -1,0 +1,262 @@
+"""Featurizing on several processes (torchrun, gloo, CPU) equals one process; any zarr store URL works.
+
+Two torchrun jobs of 2 processes run tests/distributed_worker.py on the tiny run of
+conftest.py with float32 stores: the first featurizes with each Hessian estimator and
+scores on every rank; the second reruns it (everything is skipped) and then tries
+inputs that must fail on every rank without leaving one waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import zarr
+from conftest import assert_scores_close
+
+from srcproj import ConfigurationError
+from srcproj.distributed import (
+    Collective,
+    all_reduce,
+    barrier,
+    get_rank,
+    get_world_size,
+    init_from_torchrun,
+)
+from srcproj.store import AttributionStore
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
+ESTIMATORS = ("exact", "fisher", "empirical")
+CHUNKS = 7  # 100 rows in chunks of 16
+needs_torchrun = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def torchrun(plan: list[dict], out, timeout: float = 240) -> tuple[int, str, dict]:
+    """Run the worker on 2 processes; ``(exit code, output, {rank: results})``."""
+    out.mkdir(parents=True, exist_ok=True)
+    plan_file = out / "plan.json"
+    plan_file.write_text(json.dumps(plan))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               WORKER, str(plan_file), str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # Its own session, so that a hung job is killed with all its workers.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the torchrun job hung for {timeout} s; its output:\n{output}")
+    results = {}
+    for rank in (0, 1):
+        path = out / f"rank{rank}.json"
+        assert path.exists(), f"rank {rank} wrote no results (exit code {proc.returncode}); output:\n{output}"
+        results[rank] = json.loads(path.read_text())
+    return proc.returncode, output, results
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """The first 2-process job: one float32 store per estimator, scored on both ranks."""
+    root = tmp_path_factory.mktemp("distributed")
+    plan = [{"name": name, "store": str(root / f"{name}.zarr"), "hessian": name, "score": True}
+            for name in ESTIMATORS]
+    code, output, results = torchrun(plan, root / "first")
+    assert code == 0, output
+    return root, results
+
+
+@pytest.fixture(scope="module")
+def second_job(job):
+    """The same job again, then inputs that must fail on every rank."""
+    root, _ = job
+    plan = [{"name": name, "store": str(root / f"{name}.zarr"), "hessian": name} for name in ESTIMATORS]
+    plan += [
+        {"name": "other_seed", "store": str(root / "exact.zarr"), "seed": 1},
+        {"name": "seed_per_rank", "store": str(root / "fresh.zarr"), "seed_plus_rank": True},
+        {"name": "nan_in_rank_0_shard", "store": str(root / "nan.zarr"), "nan_row": 37},
+        {"name": "memory", "store": "memory://distributed-test"},
+    ]
+    return torchrun(plan, root / "second")
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_run, tmp_path_factory):
+    """The same stores computed in this process, and their scores."""
+    root = tmp_path_factory.mktemp("one_process")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        scores = {}
+        for name in ESTIMATORS:
+            attr = tiny_run.attributor(root / f"{name}.zarr", hessian=name)
+            attr.featurize(progress=False)
+            scores[name] = attr.score(tiny_run.queries)
+        return root, scores
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------- torchrun, 2 processes
+@needs_torchrun
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_each_rank_featurizes_only_its_own_shard(job, name):
+    _, results = job
+    features, caches = {}, {}
+    for rank in (0, 1):
+        report = results[rank][name]["report"]
+        assert (report["rank"], report["world_size"]) == (rank, 2)
+        features[rank] = {tuple(pair) for pair in report["computed_feature_chunks"]}
+        caches[rank] = {tuple(pair) for pair in report["computed_cache_chunks"]}
+        own = [c for c in range(CHUNKS) if c % 2 == rank]
+        assert features[rank] == {(ckpt, c) for ckpt in (0, 1) for c in own}
+        assert caches[rank] == {(0, c) for c in own}
+        assert report["feature_chunks_computed"] == 2 * len(own) and report["feature_chunks_skipped"] == 0
+        assert report["cache_chunks_computed"] == len(own)
+        assert report["examples_featurized"] == 2 * sum(min(16, 100 - 16 * c) for c in own)
+        assert report["hessians_computed"] == 2
+    assert not features[0] & features[1] and not caches[0] & caches[1]
+    assert features[0] | features[1] == {(ckpt, c) for ckpt in (0, 1) for c in range(CHUNKS)}
+    assert caches[0] | caches[1] == {(0, c) for c in range(CHUNKS)}
+
+
+@needs_torchrun
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_two_processes_equal_one(tiny_run, job, one_process, name):
+    """Features, Hessians, spectra, caches and scores (from each rank and from here) equal one process's."""
+    root, _ = job
+    single_root, single_scores = one_process
+    two = zarr.open_group(root / f"{name}.zarr", mode="r")
+    one = zarr.open_group(single_root / f"{name}.zarr", mode="r")
+    arrays = ["features/ckpt_0", "features/ckpt_1", "hessians/ckpt_0", "hessians/ckpt_1",
+              "segments/seg_0/eigenvalues", "caches/seg_0"]
+    for array in arrays:
+        np.testing.assert_allclose(two[array][:], one[array][:], rtol=1e-5, atol=1e-7 * np.abs(one[array][:]).max(),
+                                   err_msg=array)
+    for flags in ("features/ckpt_0_done", "features/ckpt_1_done", "hessians/done", "segments/done",
+                  "caches/seg_0_done"):
+        assert two[flags][:].all(), flags
+    for rank in (0, 1):
+        assert_scores_close(np.load(root / "first" / f"{name}_scores_rank{rank}.npy"), single_scores[name])
+    # A later single process scores from the store the two processes wrote.
+    later = tiny_run.attributor(root / f"{name}.zarr", hessian=name)
+    assert later.is_featurized()
+    assert_scores_close(later.score(tiny_run.queries), single_scores[name])
+
+
+@needs_torchrun
+@pytest.mark.slow
+def test_rerunning_the_job_skips_everything(second_job):
+    _, output, results = second_job
+    for rank in (0, 1):
+        own = len([c for c in range(CHUNKS) if c % 2 == rank])
+        for name in ESTIMATORS:
+            report = results[rank][name]["report"]
+            assert report["computed_feature_chunks"] == [] and report["computed_cache_chunks"] == [], output
+            assert (report["feature_chunks_computed"], report["hessians_computed"], report["cache_chunks_computed"],
+                    report["examples_featurized"]) == (0, 0, 0, 0)
+            assert (report["feature_chunks_skipped"], report["hessians_skipped"],
+                    report["cache_chunks_skipped"]) == (2 * own, 2, own)
+
+
+@needs_torchrun
+@pytest.mark.slow
+def test_a_store_made_for_another_seed_fails_on_every_rank(tiny_run, job, one_process, second_job):
+    root, _ = job
+    code, output, results = second_job
+    assert code != 0  # the worker exits with 3 when a step failed
+    first, second = results[0]["other_seed"], results[1]["other_seed"]
+    assert first["error"] == second["error"] == "StoreMismatchError"
+    assert "projector.seed: 0 in the store, 1 now" in first["message"]
+    assert second["message"].startswith("rank 0 failed: ") and "projector.seed: 0 in the store, 1 now" in second["message"]
+    assert "StoreMismatchError" in output and "projector.seed" in output  # what the user sees
+    # The store is untouched.
+    assert_scores_close(tiny_run.attributor(root / "exact.zarr").score(tiny_run.queries), one_process[1]["exact"])
+
+
+@needs_torchrun
+@pytest.mark.slow
+def test_ranks_given_different_inputs_fail_before_touching_the_store(job, second_job):
+    root, _ = job
+    _, _, results = second_job
+    for rank in (0, 1):
+        entry = results[rank]["seed_per_rank"]
+        assert entry["error"] == "ConfigurationError"
+        assert "rank 1 was given other inputs than rank 0 (projector.seed: 0 on rank 0, 1 on rank 1)" in entry["message"]
+    assert not (root / "fresh.zarr").exists()
+
+
+@needs_torchrun
+@pytest.mark.slow
+def test_an_error_in_one_ranks_shard_reaches_every_rank(job, second_job):
+    root, _ = job
+    _, _, results = second_job
+    first, second = results[0]["nan_in_rank_0_shard"], results[1]["nan_in_rank_0_shard"]
+    assert first["error"] == second["error"] == "NonFiniteGradientError"
+    assert "the gradient of example 37 of segment 0's data is NaN or inf" in first["message"]
+    assert second["message"].startswith("rank 0 failed: checkpoint 0 (segment 0): the gradient of example 37")
+    # Rank 1's chunks are done; rank 0's chunk 2 (rows 32..47) is not; a rerun would redo only rank 0's part.
+    flags = zarr.open_group(root / "nan.zarr", mode="r")["features/ckpt_0_done"][:]
+    assert flags[[1, 3, 5]].all() and not flags[2]
+
+
+@needs_torchrun
+@pytest.mark.slow
+def test_a_memory_store_in_a_distributed_job_is_refused_clearly(second_job):
+    _, _, results = second_job
+    for rank in (0, 1):
+        entry = results[rank]["memory"]
+        assert entry["error"] == "StoreError"
+        assert "rank 1 cannot open the store that rank 0 opened" in entry["message"]
+        assert "memory:// store exists in one process only" in entry["message"]
+
+
+# ---------------------------------------------------------------------------- one process
+def test_memory_url_store_equals_a_local_store(tiny_run, tmp_path):
+    local = tiny_run.attributor(tmp_path / "local.zarr")
+    local.featurize(progress=False)
+    url = f"memory://srcproj-test-{os.getpid()}/run.zarr"
+    remote = tiny_run.attributor(url)
+    report = remote.featurize(progress=False)
+    assert (report.rank, report.world_size) == (0, 1)
+    assert report.computed_feature_chunks == [(ckpt, c) for ckpt in (0, 1) for c in range(CHUNKS)]
+    assert report.computed_cache_chunks == [(0, c) for c in range(CHUNKS)]
+    np.testing.assert_array_equal(remote.score(tiny_run.queries), local.score(tiny_run.queries))
+    np.testing.assert_array_equal(remote.self_influence(), local.self_influence())
+    # Reopened through the URL: resumed, nothing recomputed; readable without a model.
+    again = tiny_run.attributor(url).featurize(progress=False)
+    assert (again.feature_chunks_computed, again.hessians_computed, again.cache_chunks_computed) == (0, 0, 0)
+    stored = AttributionStore.read(url)
+    assert stored.metadata["proj_dim"] == 16 and stored.nbytes_stored() > 0
+    np.testing.assert_array_equal(stored.read_all("caches/seg_0"),
+                                  zarr.open_group(tmp_path / "local.zarr", mode="r")["caches/seg_0"][:])
+
+
+def test_distributed_helpers_are_no_ops_in_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not dist.is_available() or not dist.is_initialized()
+    assert (get_rank(), get_world_size()) == (0, 1)
+    assert init_from_torchrun() == (0, 1)  # not started by torchrun: nothing to initialize
+    barrier()
+    values = np.arange(6.0).reshape(2, 3)
+    np.testing.assert_array_equal(all_reduce(values), values)
+    one = Collective()
+    assert (one.rank, one.world_size, one.active) == (0, 1, False)
+    assert all(one.owns(c) for c in range(5))
+    one.agree(None)
+    with pytest.raises(KeyError):
+        one.agree(KeyError("raised at once in one process"))
+    with pytest.raises(ConfigurationError, match=r"distributed=True, but no torch.distributed process group"):
+        Collective(True)
