@@ -57,6 +57,17 @@ def _target_segment(attributor: Attributor, data_segment: int) -> int:
     return attributor._data_segment(data_segment)
 
 
+def _final_outputs(att: Attributor, source: ExampleSource, batch: int = 1024):
+    """Yield ``(outputs, targets)`` of the model at the final checkpoint, batch by batch."""
+    trainable, fixed = att._final_parameters()
+    dtype = next(iter(trainable.values())).dtype
+    with torch.no_grad(), att.computer.evaluating():
+        for lo in range(0, len(source), batch):
+            x, y = source.rows(lo, min(lo + batch, len(source)))
+            x = x.to(att.device, dtype) if x.is_floating_point() else x.to(att.device)
+            yield att.computer.forward(trainable, fixed, x), y
+
+
 class InfluenceFunction:
     """The damped influence function at one checkpoint (SOURCE with one segment, a → ∞).
 
@@ -282,16 +293,9 @@ class TRAK:
 
     def _correct_probabilities(self) -> np.ndarray:
         att = self.attributor
-        source = att.sources[self.data_segment]
-        trainable, fixed = att._final_parameters()
         out = []
-        with torch.no_grad(), att.computer.evaluating():
-            for lo in range(0, len(source), 1024):
-                x, y = source.rows(lo, min(lo + 1024, len(source)))
-                dtype = next(iter(trainable.values())).dtype
-                x = x.to(att.device, dtype) if x.is_floating_point() else x.to(att.device)
-                logits = att.computer.forward(trainable, fixed, x).double()
-                out.append(torch.softmax(logits, 1).gather(1, y.to(att.device).long()[:, None])[:, 0].cpu())
+        for logits, y in _final_outputs(att, att.sources[self.data_segment]):
+            out.append(torch.softmax(logits.double(), 1).gather(1, y.to(att.device).long()[:, None])[:, 0].cpu())
         return torch.cat(out).numpy()
 
     def training_side(self) -> np.ndarray:
@@ -343,17 +347,11 @@ class RepresentationSimilarity:
         self._train: np.ndarray | None = None
 
     def _representations(self, source: ExampleSource) -> np.ndarray:
-        att = self.attributor
-        trainable, fixed = att._final_parameters()
         captured: list[torch.Tensor] = []
         handle = self.module.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
         try:
-            with torch.no_grad(), att.computer.evaluating():
-                for lo in range(0, len(source), 1024):
-                    x, _ = source.rows(lo, min(lo + 1024, len(source)))
-                    dtype = next(iter(trainable.values())).dtype
-                    x = x.to(att.device, dtype) if x.is_floating_point() else x.to(att.device)
-                    att.computer.forward(trainable, fixed, x)
+            for _ in _final_outputs(self.attributor, source):
+                pass
         finally:
             handle.remove()
         rows = torch.cat([c.reshape(c.shape[0], -1) for c in captured]).double()

@@ -36,7 +36,7 @@ import torch
 import zarr
 
 from .errors import ConfigurationError, StoreError
-from .store import AttributionStore, _compressors
+from .store import AttributionStore, _compressors, fsync_path
 
 __all__ = [
     "DEFAULT_MEMORY_BYTES",
@@ -305,15 +305,6 @@ def check_score_target(out: Any, overwrite: bool, protected: str | None = None) 
     return local
 
 
-def _fsync(path: str) -> None:
-    if os.path.exists(path):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def store_cache(store: Any, names: list[str], dtype: Any) -> Cache:
     """The sum of the store arrays ``names`` (same shape and chunks) as a :class:`Cache`.
 
@@ -415,13 +406,13 @@ def score_to_array(queries: Queries | np.ndarray, cache: Cache, out: Any, memory
         if chunk_dir is not None:
             for qi in range(q0 // query_chunk, -(-q1 // query_chunk)):
                 for ri in range(r0 // cache.chunk_rows, -(-r1 // cache.chunk_rows)):
-                    _fsync(os.path.join(chunk_dir, str(qi), str(ri)))
-                _fsync(os.path.join(chunk_dir, str(qi)))
+                    fsync_path(os.path.join(chunk_dir, str(qi), str(ri)))
+                fsync_path(os.path.join(chunk_dir, str(qi)))
     if chunk_dir is not None:
-        _fsync(chunk_dir)
+        fsync_path(chunk_dir)
     array.update_attributes({"srcproj_scores": {**info, "complete": True}})
     if local_root is not None:
-        _fsync(os.path.join(local_root, *[p for p in array.path.split("/") if p], "zarr.json"))
+        fsync_path(os.path.join(local_root, *[p for p in array.path.split("/") if p], "zarr.json"))
     try:
         return zarr.open_array(array.store.with_read_only(True), path=array.path, mode="r", zarr_format=3)
     except Exception:  # noqa: BLE001 - a store type without read-only views

@@ -87,6 +87,16 @@ def metadata_differences(first: dict, second: dict, where: tuple[str, str] = ("i
     return "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
 
 
+def fsync_path(path: str) -> None:
+    """fsync a file or directory if it exists (a chunk zarr never wrote is all fill value)."""
+    if os.path.exists(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class AttributionStore:
     """A srcproj store opened for reading and writing.
 
@@ -233,12 +243,7 @@ class AttributionStore:
         chunk_dir = os.path.join(self._local_root, *array.path.split("/"), "c")
         path = os.path.join(chunk_dir, str(index), *(["0"] * (array.ndim - 1)))
         for target in (path, os.path.dirname(path)):
-            if os.path.exists(target):
-                fd = os.open(target, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            fsync_path(target)
 
     def nbytes_stored(self) -> int:
         """Bytes stored: on disk for a local store, through fsspec for a URL; 0 when unknown."""
