@@ -35,14 +35,26 @@ class HessianAccumulator:
     """Running float64 sum of outer products of projected vectors."""
 
     def __init__(self, proj_dim: int) -> None:
-        self.total = torch.zeros(proj_dim, proj_dim, dtype=torch.float64)
+        self.proj_dim = proj_dim
+        self._total: Tensor | None = None  # float64, on the device of the first vectors added
         self.count = 0
 
     def add(self, vectors: Tensor, examples: int) -> None:
         """Add ``vectorsᵀ vectors`` (rows already weighted) for ``examples`` examples."""
-        rows = vectors.detach().to("cpu", torch.float64)
-        self.total.addmm_(rows.T, rows)
+        rows = vectors.detach().to(torch.float64)
+        if self._total is None:
+            # Summed where the vectors are: on a GPU, copying every batch to the CPU
+            # and multiplying there would cost more than computing the features.
+            self._total = torch.zeros(self.proj_dim, self.proj_dim, dtype=torch.float64, device=rows.device)
+        self._total.addmm_(rows.T, rows.to(self._total.device))
         self.count += examples
+
+    @property
+    def total(self) -> Tensor:
+        """The float64 sum so far, on the CPU."""
+        if self._total is None:
+            return torch.zeros(self.proj_dim, self.proj_dim, dtype=torch.float64)
+        return self._total.cpu()
 
     def mean(self) -> np.ndarray:
         return (self.total / max(self.count, 1)).numpy()

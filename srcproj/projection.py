@@ -606,15 +606,34 @@ class MatrixProjector(Projector):
 class FastJLProjector(Projector):
     """The fast-jl CUDA kernel (TRAK's), scaled by 1/√k to match the Rademacher one.
 
-    Its matrix depends on ``num_feature_tiles`` as well as the seed, so both are part
-    of its description. Needs ``pip install srcproj[cuda]`` and CUDA tensors; it is a
-    different matrix from :class:`RademacherProjector` with the same seed.
+    The kernel draws its ±1 entries per (output column, feature tile), so its matrix
+    depends on the number of parameters p, the seed and ``num_feature_tiles``; TRAK
+    sets the latter to the GPU's multiprocessor count, which makes TRAK's matrix depend
+    on the GPU model. Here it is fixed (128 by default) and recorded in the store, so
+    features from two GPU models line up and a store refuses features made with another
+    setting. The matrix does not depend on the batch or on ``batch_size`` (the kernel
+    variant: 8, 16 or 32 rows per launch).
+
+    The kernel rounds its input to float16 and accumulates in float32. Each gradient row
+    is scaled by a power of two (exact) so that its largest entry lies in [0.5, 1)
+    before the kernel sees it and scaled back after: small gradients keep float16's
+    full precision (relative rounding 2⁻¹¹ per entry) instead of flushing to zero, and
+    large ones cannot overflow.
+
+    Needs ``pip install srcproj[cuda]`` and CUDA tensors; it is a different matrix from
+    :class:`RademacherProjector` with the same seed.
     """
 
     def __init__(self, proj_dim: int, seed: int = 0, num_feature_tiles: int = 128, batch_size: int = 32) -> None:
         self.proj_dim = _check_dim(proj_dim)
         if self.proj_dim % 512:
             raise ConfigurationError(f"fast-jl needs proj_dim to be a multiple of 512, got {proj_dim}")
+        self.seed = _check_seed(seed)
+        if self.seed >= 2**32:
+            raise ConfigurationError(f"seed={seed}; fast-jl takes a 32-bit seed (0 <= seed < 2**32)")
+        if isinstance(num_feature_tiles, bool) or not isinstance(num_feature_tiles, (int, np.integer)) \
+                or not 1 <= num_feature_tiles <= 65535:
+            raise ConfigurationError(f"num_feature_tiles={num_feature_tiles!r}; it must be an integer in 1..65535")
         if batch_size not in (8, 16, 32):
             raise ConfigurationError(f"fast-jl batch_size must be 8, 16 or 32, got {batch_size}")
         try:
@@ -624,7 +643,6 @@ class FastJLProjector(Projector):
                 "FastJLProjector needs the fast-jl CUDA extension: pip install 'srcproj[cuda]' "
                 "on a machine with CUDA, or use the default RademacherProjector"
             ) from exc
-        self.seed = int(seed)
         self.num_feature_tiles = int(num_feature_tiles)
         self.batch_size = batch_size
 
@@ -634,21 +652,31 @@ class FastJLProjector(Projector):
             "proj_dim": self.proj_dim,
             "seed": self.seed,
             "num_feature_tiles": self.num_feature_tiles,
-            "batch_size": self.batch_size,
         }
 
     def project(self, grads: Tensor) -> Tensor:
         import fast_jl
 
+        if grads.ndim != 2:
+            raise ConfigurationError(f"project() takes rows (B, p), got shape {tuple(grads.shape)}")
         if grads.device.type != "cuda":
             raise ConfigurationError("FastJLProjector runs on CUDA tensors only; featurize with device='cuda'")
+        rows, num_params = grads.shape
+        if num_params * self.batch_size >= 2**32:
+            # The kernel indexes a launch's rows with 32-bit offsets.
+            raise ConfigurationError(
+                f"fast-jl cannot project {num_params:,} parameters {self.batch_size} rows at a time (32-bit "
+                f"offsets); use batch_size=8, restrict the attributed parameters (modules=...) or use "
+                f"KroneckerProjector"
+            )
+        values = grads.detach().to(torch.float32)
+        peak = values.abs().amax(dim=1, keepdim=True)
+        exponent = torch.where(peak > 0, torch.frexp(peak).exponent, torch.zeros_like(peak, dtype=torch.int32))
+        values = torch.ldexp(values, -exponent)
         kernel = getattr(fast_jl, f"project_rademacher_{self.batch_size}")
-        rows = []
-        for start in range(0, grads.shape[0], self.batch_size):
-            part = grads[start : start + self.batch_size].contiguous()
-            pad = self.batch_size - part.shape[0]
-            if pad:
-                part = torch.cat([part, part.new_zeros(pad, part.shape[1])])
-            out = kernel(part.to(torch.float32), self.proj_dim, self.seed, self.num_feature_tiles)
-            rows.append(out[: self.batch_size - pad])
-        return torch.cat(rows).to(grads.dtype) / math.sqrt(self.proj_dim)
+        out = torch.empty(rows, self.proj_dim, dtype=torch.float32, device=grads.device)
+        for start in range(0, rows, self.batch_size):
+            stop = min(start + self.batch_size, rows)
+            out[start:stop] = kernel(values[start:stop].contiguous(), self.proj_dim, self.seed,
+                                     self.num_feature_tiles)
+        return (torch.ldexp(out, exponent) / math.sqrt(self.proj_dim)).to(grads.dtype)

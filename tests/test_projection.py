@@ -155,6 +155,10 @@ def test_fast_jl_without_the_extension():
     ({"proj_dim": 100}, r"multiple of 512, got 100"),
     ({"proj_dim": 512, "batch_size": 12}, r"batch_size must be 8, 16 or 32, got 12"),
     ({"proj_dim": 0}, r"proj_dim=0"),
+    ({"proj_dim": 512, "seed": 2**32}, r"32-bit seed"),
+    ({"proj_dim": 512, "seed": -1}, r"seed=-1"),
+    ({"proj_dim": 512, "num_feature_tiles": 0}, r"num_feature_tiles=0"),
+    ({"proj_dim": 512, "num_feature_tiles": 2.5}, r"num_feature_tiles=2.5"),
 ])
 def test_fast_jl_argument_validation(kwargs, message):
     with pytest.raises(ConfigurationError, match=message):
