@@ -22,6 +22,9 @@ Same model, same k, same examples, one checkpoint, in one run:
   largest batch whose predicted peak memory fits srcproj's larger dense run (batch
   256): TRAK's peak RSS is measured at two batch sizes (one batch each) and
   extrapolated linearly.
+* the bare float32 product ``(B × p) @ (p × k)`` on random data at the larger batch: the
+  floor of any dense projection (both tools compute it); every rate is also printed as a
+  share of it;
 * srcproj's peak memory of a whole ``Attributor.featurize()`` (``hessian="empirical"``,
   float16 store, chunks of 1,024 rows) at two training-set sizes, for the factored and
   the dense projection: apart from the training set that this script holds in memory
@@ -95,7 +98,17 @@ def _child(config: dict) -> dict:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     k, batch = config["proj_dim"], config["batch"]
     result = {"threads": torch.get_num_threads()}
-    if config["tool"] == "srcproj":
+    if config["tool"] == "gemm":
+        # The floor of any dense projection: the bare float32 (B × p) @ (p × k) product.
+        p = sum(t.numel() for t in model.parameters())
+        a, b = torch.randn(batch, p), torch.randn(p, k)
+        a @ b
+        reps = max(2, len(x) // batch)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        result["seconds"] = (time.perf_counter() - start) * len(x) / (reps * batch)
+    elif config["tool"] == "srcproj":
         from srcproj import Attributor, ClassificationTask, KroneckerProjector, Segment, Trajectory
 
         projector = KroneckerProjector(k, seed=0) if config["projection"] == "factored" else None
@@ -209,10 +222,13 @@ def main() -> None:
                   f"{per_example / 2**20:.2f} MiB per example; srcproj dense peaked at {_mib(budget)} (its larger) "
                   f"-> batch {best}{' (capped at the number of examples)' if fit > args.examples else ''}")
             runs[f"TRAK max batch, {best}"] = _run({**base, "tool": "trak", "batch": best}, args.timeout)
+        runs[f"bare GEMM, batch {args.large_batch}"] = _run(
+            {**base, "tool": "gemm", "batch": args.large_batch}, args.timeout)
         trak = runs[f"TRAK default, batch {args.batch}"]["rate"]
+        gemm = runs[f"bare GEMM, batch {args.large_batch}"]["rate"]
         trak_max = next((r["rate"] for n, r in runs.items() if n.startswith("TRAK max")), None)
         for label, r in runs.items():
-            ratios = f"{r['rate'] / trak:7.2f}x TRAK default"
+            ratios = f"{r['rate'] / gemm:6.0%} of GEMM, {r['rate'] / trak:7.2f}x TRAK default"
             if trak_max is not None:
                 ratios += f", {r['rate'] / trak_max:7.2f}x TRAK max batch"
             extra = r.get("projector") or (f"layout (module, k_out, k_in): {r['layout']}" if "layout" in r else "")

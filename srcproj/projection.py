@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -171,6 +172,7 @@ class RademacherProjector(Projector):
         self._key = _stream_key(self.seed, self.proj_dim, 0x52414430)
         self._tables: dict[tuple, Tensor] = {}
         self._scratch: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._warned_regeneration = False
 
     def describe(self) -> dict:
         return {"kind": "rademacher", "version": self.VERSION, "proj_dim": self.proj_dim, "seed": self.seed,
@@ -206,6 +208,14 @@ class RademacherProjector(Projector):
                 self._cache[key] = block
                 self._cached_bytes += size
             else:
+                if device.type != "cpu" and not self._warned_regeneration:
+                    self._warned_regeneration = True
+                    warnings.warn(
+                        f"RademacherProjector(cache_bytes={self.cache_bytes:,}) keeps only part of its k×p "
+                        f"matrix on {device}; the rest is regenerated on the CPU for every batch, which "
+                        f"makes the projection up to 10x slower on a GPU. Pass a cache_bytes of at least "
+                        f"proj_dim * num_params * {torch.empty(0, dtype=dtype).element_size()} bytes if the "
+                        f"device has the memory", RuntimeWarning, stacklevel=2)
                 # Regenerated every batch: into one buffer, never a fresh allocation
                 # (fresh pages cost more than generating the signs).
                 scratch, index = self._scratch.get((dtype, device), (None, None))

@@ -142,3 +142,18 @@ def test_gpu_scores_equal_cpu_scores(run, tmp_path, kind, hessian):
         np.testing.assert_allclose(gpu.checkpoint_hessian(c), cpu.checkpoint_hessian(c), rtol=1e-4,
                                    atol=1e-6 * float(np.abs(cpu.checkpoint_hessian(c)).max()))
     assert_scores_close(gpu.score(run.queries), cpu.score(run.queries), rtol=1e-4)
+
+
+def test_dense_projection_past_its_cache_on_a_gpu_warns_once():
+    projector = RademacherProjector(64, seed=0, cache_bytes=64 * 512 * 4)  # one tile of 512 parameters
+    grads = torch.randn(3, 2000, device="cuda")
+    with pytest.warns(RuntimeWarning, match=r"regenerated on the CPU for every batch.*cache_bytes"):
+        first = projector.project(grads)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = projector.project(grads)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    cpu = RademacherProjector(64, seed=0).project(grads.cpu())
+    torch.testing.assert_close(first.cpu(), cpu, rtol=1e-5, atol=1e-5)
