@@ -4,6 +4,16 @@ Two torchrun jobs of 2 processes run tests/distributed_worker.py on the tiny run
 conftest.py with float32 stores: the first featurizes with each Hessian estimator and
 scores on every rank; the second reruns it (everything is skipped) and then tries
 inputs that must fail on every rank without leaving one waiting.
+
+A third job is killed part-way: rank 0 stops at the start of its third chunk of
+checkpoint 1 (a projector in the worker waits there; nothing depends on timing) while
+rank 1 has flagged all its chunks and waits for rank 0 in the Hessian's all-reduce.
+Once the store shows that, the test SIGKILLs both workers and torchrun, reads the done
+flags the kill left (checkpoint 0 and its Hessian done, 5 of checkpoint 1's 7 chunks),
+and reruns the same job: each rank computes exactly the feature chunks of its own that
+were not flagged (rank 0 two, rank 1 none), leaves the flagged chunks' files untouched,
+both ranks compute the missing Hessian and the caches, and the store and scores equal
+one uninterrupted process's.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -40,23 +51,61 @@ CHUNKS = 7  # 100 rows in chunks of 16
 needs_torchrun = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
-def torchrun(plan: list[dict], out, timeout: float = 240) -> tuple[int, str, dict]:
-    """Run the worker on 2 processes; ``(exit code, output, {rank: results})``."""
+def start_torchrun(plan: list[dict], out) -> subprocess.Popen:
+    """Start the worker on 2 processes; its output goes to ``out/output.log``."""
     out.mkdir(parents=True, exist_ok=True)
     plan_file = out / "plan.json"
     plan_file.write_text(json.dumps(plan))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                WORKER, str(plan_file), str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    # Its own session, so that a hung job is killed with all its workers.
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    with open(out / "output.log", "w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie waiting for its parent counts as gone)."""
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+def kill_job(proc: subprocess.Popen, out, timeout: float = 30) -> None:
+    """SIGKILL a torchrun job: its workers first, by the ids in ``pid_rank{r}``, then torchrun.
+
+    torchrun starts every worker in a session of its own, so killing torchrun's process
+    group alone would leave the workers running (and writing to the store).
+    """
+    workers = [int(path.read_text()) for path in sorted(out.glob("pid_rank*"))]
+    for group in workers + [proc.pid]:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while not all(gone(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"workers {workers} still run {timeout} s after SIGKILL"
+        time.sleep(0.05)
+
+
+def torchrun(plan: list[dict], out, timeout: float = 240) -> tuple[int, str, dict]:
+    """Run the worker on 2 processes; ``(exit code, output, {rank: results})``."""
+    proc = start_torchrun(plan, out)
+    try:
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the torchrun job hung for {timeout} s; its output:\n{output}")
+        kill_job(proc, out)
+        pytest.fail(f"the torchrun job hung for {timeout} s; its output:\n{(out / 'output.log').read_text()}")
+    output = (out / "output.log").read_text()
     results = {}
     for rank in (0, 1):
         path = out / f"rank{rank}.json"
@@ -221,6 +270,88 @@ def test_a_memory_store_in_a_distributed_job_is_refused_clearly(second_job):
         assert entry["error"] == "StoreError"
         assert "rank 1 cannot open the store that rank 0 opened" in entry["message"]
         assert "memory:// store exists in one process only" in entry["message"]
+
+
+def read_flags(store, name: str) -> np.ndarray | None:
+    """The done flags ``name`` of a store that may be in the middle of being written."""
+    try:
+        return np.asarray(zarr.open_group(store, mode="r")[name][:], dtype=bool)
+    except Exception:  # noqa: BLE001 - not created yet, or its metadata is being written
+        return None
+
+
+@needs_torchrun
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_a_killed_job_resumes_where_it_stopped(tiny_run, one_process, tmp_path):
+    """SIGKILL a 2-process job in checkpoint 1's features; the rerun computes only what was not flagged done."""
+    store = tmp_path / "killed.zarr"
+    step = {"name": "exact", "store": str(store), "hessian": "exact", "score": True}
+    # Rank 0 stops at the start of its 7th chunk: 4 of checkpoint 0, 2 of checkpoint 1 (chunks 0, 2) are done.
+    # Rank 1 flags all its chunks (1, 3, 5) of checkpoint 1, then waits for rank 0 to sum Hessian 1.
+    out = tmp_path / "killed"
+    proc = start_torchrun([dict(step, hang={"rank": 0, "after_chunks": 6})], out)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"the job ended (code {proc.returncode}):\n{(out / 'output.log').read_text()}"
+            flags = read_flags(store, "features/ckpt_1_done")
+            if (out / "exact_hung_rank0").exists() and flags is not None and flags[1::2].all():
+                break
+            assert time.monotonic() < deadline, f"the job did not stop part-way:\n{(out / 'output.log').read_text()}"
+            time.sleep(0.05)
+    finally:
+        kill_job(proc, out)
+    output = (out / "output.log").read_text()
+    assert proc.returncode == -signal.SIGKILL, output
+    assert not list(out.glob("rank*.json")), output  # no rank got to the end of its plan
+
+    # What the killed job had flagged done, now that nothing writes any more.
+    killed = zarr.open_group(store, mode="r")
+    done = {ckpt: np.asarray(killed[f"features/ckpt_{ckpt}_done"][:], dtype=bool) for ckpt in (0, 1)}
+    hessians_done = np.asarray(killed["hessians/done"][:], dtype=bool)
+    flagged = {(ckpt, c) for ckpt in (0, 1) for c in range(CHUNKS) if done[ckpt][c]}
+    assert 0 < len(flagged) < 2 * CHUNKS
+    assert done[0].all() and done[1].tolist() == [True, True, True, True, False, True, False]
+    assert hessians_done.tolist() == [True, False]
+    assert not killed["caches/seg_0_done"][:].any() and not killed["segments/done"][:].any()
+    # The chunk files the killed job wrote, to check that the rerun leaves them alone.
+    files = {(ckpt, c): store / "features" / f"ckpt_{ckpt}" / "c" / str(c) / "0" for ckpt, c in flagged}
+    assert all(path.is_file() for path in files.values()), sorted(store.rglob("*"))
+    stamps = {key: (path.stat().st_mtime_ns, path.read_bytes()) for key, path in files.items()}
+
+    code, output, results = torchrun([step], tmp_path / "resumed")
+    assert code == 0, output
+    for rank in (0, 1):
+        report = results[rank]["exact"]["report"]
+        own = [(ckpt, c) for ckpt in (0, 1) for c in range(CHUNKS) if c % 2 == rank]
+        left = [pair for pair in own if pair not in flagged]
+        assert [tuple(pair) for pair in report["computed_feature_chunks"]] == left, output
+        assert report["feature_chunks_computed"] == len(left)
+        assert report["feature_chunks_skipped"] == len(own) - len(left)
+        assert report["examples_featurized"] == sum(min(16, 100 - 16 * c) for _, c in left)
+        # Every rank adds to the Hessians that were not written, even rank 1, which has no features left.
+        assert (report["hessians_computed"], report["hessians_skipped"]) == (2 - hessians_done.sum(), hessians_done.sum())
+        assert [tuple(pair) for pair in report["computed_cache_chunks"]] == [(0, c) for c in range(rank, CHUNKS, 2)]
+    assert [tuple(pair) for pair in results[0]["exact"]["report"]["computed_feature_chunks"]] == [(1, 4), (1, 6)]
+    assert results[1]["exact"]["report"]["computed_feature_chunks"] == []
+    for key, path in files.items():
+        assert (path.stat().st_mtime_ns, path.read_bytes()) == stamps[key], f"feature chunk {key} was rewritten"
+
+    # The resumed store equals one uninterrupted process's.
+    single_root, single_scores = one_process
+    resumed = zarr.open_group(store, mode="r")
+    one = zarr.open_group(single_root / "exact.zarr", mode="r")
+    for array in ("features/ckpt_0", "features/ckpt_1", "hessians/ckpt_0", "hessians/ckpt_1",
+                  "segments/seg_0/eigenvalues", "caches/seg_0"):
+        np.testing.assert_allclose(resumed[array][:], one[array][:], rtol=1e-5,
+                                   atol=1e-7 * np.abs(one[array][:]).max(), err_msg=array)
+    for flags in ("features/ckpt_0_done", "features/ckpt_1_done", "hessians/done", "segments/done",
+                  "caches/seg_0_done"):
+        assert resumed[flags][:].all(), flags
+    for rank in (0, 1):
+        assert_scores_close(np.load(tmp_path / "resumed" / f"exact_scores_rank{rank}.npy"), single_scores["exact"])
+    assert_scores_close(tiny_run.attributor(store, hessian="exact").score(tiny_run.queries), single_scores["exact"])
 
 
 # ---------------------------------------------------------------------------- one process
