@@ -334,7 +334,9 @@ def test_rademacher_keeps_blocks_within_its_budget_and_regenerates_the_rest(monk
     generated.clear()
     second = projector.project(grads[:1])  # another batch (or checkpoint): tiles 0 and 1 come from the cache
     assert generated == [2, 3, 4, 5]
-    torch.testing.assert_close(second, first[:1], rtol=0, atol=0)
+    # Not bit-equal in general: BLAS may round a 1-row product differently from a 3-row
+    # one (seen with 16 cores), so float32 tolerance.
+    torch.testing.assert_close(second, first[:1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(first, RademacherProjector(k, seed=4).project(grads), rtol=1e-5, atol=1e-6)
 
 
