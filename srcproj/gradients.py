@@ -24,8 +24,8 @@ from .errors import CheckpointMismatchError, ConfigurationError, DataError
 from .tasks import Task
 from .trajectory import Checkpoint
 
-__all__ = ["GradientComputer", "FactoredLayer", "LayerCapture", "factored_layers", "layer_inputs",
-           "not_factored_reasons", "project_layer_inputs", "verify_factored"]
+__all__ = ["GradientComputer", "FactoredLayer", "LayerCapture", "factored_layers", "layer_bias_grads",
+           "layer_inputs", "layer_weight_grads", "not_factored_reasons", "project_layer_inputs", "verify_factored"]
 
 KINDS = ("loss", "measurement")
 
@@ -170,6 +170,44 @@ def _layer_delta(layer: FactoredLayer, grad_out: Tensor) -> Tensor:
     return grad_out.reshape(grad_out.shape[0], layer.d_out, -1).transpose(1, 2)
 
 
+def layer_weight_grads(layer: FactoredLayer, module: nn.Module, inputs: Sequence[Tensor],
+                       deltas: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+    """Per-example weight gradients ``Σ_t δ_t a_tᵀ``, ``(B, d_out · d_in)`` in the weight's flattening order.
+
+    ``inputs``: the layer's input tensors, one per call of the module (as the module
+    received them, at least one); ``deltas``: the matching output gradients
+    ``(B, T, d_out)`` (:meth:`LayerCapture.backward`). With one position per call (a plain
+    Linear) the product is an outer product, otherwise a batched matmul over positions.
+    ``out``: a buffer of at least ``B · d_out · d_in`` entries to write them into (fresh
+    pages of a large new tensor cost several times the products themselves).
+    """
+    batch = deltas[0].shape[0]
+    size = batch * layer.d_out * layer.d_in
+    if out is None:
+        out = torch.empty(size, dtype=deltas[0].dtype, device=deltas[0].device)
+    total = out.view(-1)[:size].view(batch, layer.d_out, layer.d_in)
+    for call, (x, delta) in enumerate(zip(inputs, deltas)):
+        a = layer_inputs(layer, module, x)  # (B, T, d_in)
+        if call and a.shape[1] == 1:
+            total.addcmul_(delta[:, 0, :, None], a[:, 0, None, :])
+        elif call:
+            total.baddbmm_(delta.transpose(1, 2), a)
+        elif a.shape[1] == 1:
+            torch.mul(delta[:, 0, :, None], a[:, 0, None, :], out=total)
+        else:
+            torch.bmm(delta.transpose(1, 2), a, out=total)
+    return total.view(batch, -1)
+
+
+def layer_bias_grads(deltas: Sequence[Tensor]) -> Tensor:
+    """Per-example bias gradients ``Σ_t δ_t``, ``(B, d_out)``, summed over the module's calls."""
+    total = None
+    for delta in deltas:
+        term = delta.sum(dim=1)
+        total = term if total is None else total + term
+    return total
+
+
 class LayerCapture:
     """One batched forward with hooks on factored layers, then backward passes.
 
@@ -241,7 +279,8 @@ class LayerCapture:
 
 def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: Mapping[str, Tensor],
                     x: Tensor, tolerance: float = 1e-3) -> list[str]:
-    """Modules among ``layers`` whose per-example weight gradient on ``x`` is not ``Σ_t δ_t a_tᵀ``.
+    """Modules among ``layers`` whose per-example weight gradient on ``x`` is not ``Σ_t δ_t a_tᵀ``
+    (or whose attributed bias gradient is not ``Σ_t δ_t``).
 
     Compares, for a fixed weighted sum of the outputs, the gradients rebuilt from the
     hooks with autograd's per-example gradients. A layer fails when its weight is also
@@ -257,7 +296,7 @@ def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: M
         weights = torch.linspace(0.5, 1.5, flat.shape[1], dtype=flat.dtype, device=flat.device)
         objective = (flat * weights).sum()
     deltas = capture.backward(objective)
-    names = [layer.weight for layer in layers]
+    names = [n for layer in layers for n in (layer.weight, layer.bias) if n is not None]
     reference = {n: [] for n in names}
     for b in range(x.shape[0]):  # plain autograd, one example at a time
         leaves = {n: params[n].detach().clone().requires_grad_(True) for n in names}
@@ -266,14 +305,25 @@ def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: M
             grads = torch.autograd.grad((out.reshape(-1) * weights).sum(), list(leaves.values()), allow_unused=True)
         for n, g in zip(names, grads):
             reference[n].append(torch.zeros_like(leaves[n]) if g is None else g)
+
+    def differs(have: Tensor, want: Tensor) -> bool:
+        scale = float(want.abs().max())
+        return float((have - want).abs().max()) > tolerance * max(scale, 1e-30) and scale + float(have.abs().max()) > 0
+
     failed = []
     for index, layer in enumerate(layers):
         want = torch.stack(reference[layer.weight]).reshape(x.shape[0], layer.d_out, layer.d_in)
         have = torch.zeros_like(want)
         for a, d in zip(capture.inputs[index], deltas[index]):
             have = have + torch.einsum("btk,btj->bkj", d, a)
-        scale = float(want.abs().max())
-        if float((have - want).abs().max()) > tolerance * max(scale, 1e-30) and scale + float(have.abs().max()) > 0:
+        wrong = differs(have, want)
+        if layer.bias is not None and not wrong:  # a bias read outside the module (rare) fails too
+            want = torch.stack(reference[layer.bias]).reshape(x.shape[0], layer.d_out)
+            have = torch.zeros_like(want)
+            for d in deltas[index]:
+                have = have + d.sum(dim=1)
+            wrong = differs(have, want)
+        if wrong:
             failed.append(layer.module)
     return failed
 
@@ -470,6 +520,33 @@ class GradientComputer:
         fn = self.objective(kind)
         x, y = self.prepare(trainable, x, y)
         return self._per_example(fn, trainable, fixed, x, y, names, pieces)
+
+    def layer_deltas(self, trainable: dict, fixed: dict, x: Tensor, y: Tensor, kind: str,
+                     layers: Sequence[FactoredLayer], input_fn: Callable[[int, nn.Module, Tensor], object],
+                     ) -> tuple[LayerCapture, list[list[Tensor]]]:
+        """One batched forward with hooks on ``layers`` and one backward pass of the sum of
+        the per-example ``kind`` objectives: ``(capture, δ per layer and call)``.
+
+        ``x`` and ``y`` as returned by :meth:`prepare`; the model in eval mode, so that the
+        examples of the batch are independent and row ``b`` of each ``δ`` belongs to
+        example ``b`` alone (the per-example objective is summed, never averaged).
+        """
+        fn = self.objective(kind)
+        batch = x.shape[0]
+        capture = LayerCapture(self.model, layers, input_fn)
+        outputs = capture.forward({**trainable, **fixed}, x)
+        try:
+            with torch.enable_grad():
+                values = fn(outputs, y)
+        except RuntimeError as exc:
+            raise DataError(f"the task's {kind} failed on outputs of shape {tuple(outputs.shape)} "
+                            f"and targets of shape {tuple(y.shape)}: {exc}") from exc
+        if values.shape != (batch,):
+            raise DataError(f"the task's {kind} returned shape {tuple(values.shape)} for {batch} examples; "
+                            f"it must return one value per example, ({batch},)")
+        with torch.enable_grad():
+            objective = values.sum()
+        return capture, capture.backward(objective)
 
     def loss_grads(self, trainable: dict, fixed: dict, x: Tensor, y: Tensor) -> Tensor:
         """Per-example gradients of the training loss, shape ``(B, p)``."""

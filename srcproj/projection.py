@@ -28,6 +28,8 @@ from .gradients import (
     FactoredLayer,
     LayerCapture,
     factored_layers,
+    layer_bias_grads,
+    layer_weight_grads,
     not_factored_reasons,
     project_layer_inputs,
     verify_factored,
@@ -149,6 +151,14 @@ class RademacherProjector(Projector):
     remaining tiles are regenerated for every batch into one reused buffer (several GB/s
     on two CPU cores, against about 0.4 GB/s for version 1's generator).
 
+    Once bound to a model (:class:`~srcproj.Attributor` does it, or :meth:`bind` with a
+    checkpoint and a few example inputs), :meth:`features` computes the per-example
+    gradients of Linear and Conv2d layers from one batched forward and backward pass with
+    hooks (``Σ_t δ_t a_tᵀ``, as the factored projection does) instead of
+    ``torch.func.vmap``, materializing one layer's gradients at a time, in one buffer kept
+    for later batches (batch size × the largest layer's parameters); the other parameters
+    still go through vmap. The matrix, and so the features, are the same.
+
     Parameters
     ----------
     proj_dim : int
@@ -173,6 +183,8 @@ class RademacherProjector(Projector):
         self._tables: dict[tuple, Tensor] = {}
         self._scratch: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._warned_regeneration = False
+        self._hooked: tuple | None = None  # (model, param names, factored layers, other params) once bound
+        self._pieces: dict[tuple, Tensor] = {}  # reused buffer of the hook path's largest weight gradients
 
     def describe(self) -> dict:
         return {"kind": "rademacher", "version": self.VERSION, "proj_dim": self.proj_dim, "seed": self.seed,
@@ -242,29 +254,119 @@ class RademacherProjector(Projector):
         """Project rows given as consecutive column pieces ``(B, p_i)`` (their concatenation
         is the gradient), without concatenating them."""
         first = pieces[0]
-        num_params = sum(piece.shape[1] for piece in pieces)
-        out = torch.zeros(first.shape[0], self.proj_dim, dtype=first.dtype, device=first.device)
-        bounds = np.cumsum([0] + [piece.shape[1] for piece in pieces])
+        return self._project_lazy([piece.shape[1] for piece in pieces], pieces.__getitem__,
+                                  first.shape[0], first.dtype, first.device)
+
+    def _project_lazy(self, sizes: Sequence[int], piece, batch: int, dtype: torch.dtype,
+                      device: torch.device) -> Tensor:
+        """:meth:`project_pieces` with piece ``i`` (``(batch, sizes[i])``) given by ``piece(i)``,
+        asked for in increasing order, and only the latest one kept."""
+        num_params = int(sum(sizes))
+        out = torch.zeros(batch, self.proj_dim, dtype=dtype, device=device)
+        bounds = np.cumsum([0] + [int(size) for size in sizes])
         tiles = math.ceil(num_params / self.TILE)
-        step = self._tiles_per_block(first.dtype)
+        step = self._tiles_per_block(dtype)
+        current, values = -1, None
         for start in range(0, tiles, step):
             stop = min(start + step, tiles)
             lo, hi = start * self.TILE, min(stop * self.TILE, num_params)
-            block = self._block(start, stop, hi - lo, first.dtype, first.device)
+            block = self._block(start, stop, hi - lo, dtype, device)
             # The pieces overlapping columns lo..hi-1: one matmul each, no copy.
-            for index in range(int(np.searchsorted(bounds, lo, side="right")) - 1, len(pieces)):
+            for index in range(int(np.searchsorted(bounds, lo, side="right")) - 1, len(sizes)):
                 p_lo, p_hi = int(bounds[index]), int(bounds[index + 1])
                 if p_lo >= hi:
                     break
                 a, b = max(lo, p_lo), min(hi, p_hi)
                 if b > a:
-                    out.addmm_(pieces[index][:, a - p_lo:b - p_lo], block[a - lo:b - lo])
+                    if index != current:
+                        values = None  # free the previous piece before forming this one
+                        current, values = index, piece(index)
+                    out.addmm_(values[:, a - p_lo:b - p_lo], block[a - lo:b - lo])
         return out
+
+    def bind(self, model: nn.Module, param_names: Sequence[str] | None = None, *,
+             params: Mapping[str, Tensor] | None = None, example: Tensor | None = None) -> None:
+        """Find the Linear and Conv2d layers whose per-example gradients :meth:`features` can
+        take from hooks (checked on ``example`` with ``params``, model in eval mode).
+
+        Only a speed-up: the matrix and :meth:`describe` do not depend on it. Without
+        ``example``, or when the check fails or finds no such layer, :meth:`features`
+        uses ``torch.func.vmap`` for every parameter, as an unbound projector does.
+        """
+        self._hooked = None
+        if example is None or not isinstance(model, nn.Module):
+            return
+        named = dict(model.named_parameters())
+        names = [n for n, p in named.items() if p.requires_grad] if param_names is None else list(param_names)
+        if not names or any(n not in named for n in names):
+            return
+        layers, _ = factored_layers(model, names)
+        if not layers:
+            return
+        state = dict(params) if params is not None else {**dict(model.named_parameters()),
+                                                         **dict(model.named_buffers())}
+        try:
+            demoted = verify_factored(model, layers, state, example)
+        except (DataError, RuntimeError, ValueError, TypeError, KeyError):
+            return  # the check could not run on this example: keep the vmap path
+        layers = [layer for layer in layers if layer.module not in demoted]
+        claimed = {n for layer in layers for n in (layer.weight, layer.bias) if n is not None}
+        if layers:
+            self._hooked = (model, names, layers, [n for n in names if n not in claimed])
+
+    def _hook_features(self, computer: GradientComputer, trainable: dict, fixed: dict, x: Tensor, y: Tensor,
+                       kind: str) -> Tensor:
+        _, names, layers, others = self._hooked
+        x, y = computer.prepare(trainable, x, y)
+        batch = x.shape[0]
+        # The inputs are copied as the modules receive them (unfolded only when used).
+        capture, deltas = computer.layer_deltas(trainable, fixed, x, y, kind, layers,
+                                                lambda index, module, a: a.clone())
+        reference = next(iter(trainable.values()))
+        sources: dict[str, tuple[int, str]] = {}
+        for index, layer in enumerate(layers):
+            sources[layer.weight] = (index, "weight")
+            if layer.bias is not None:
+                sources[layer.bias] = (index, "bias")
+        dense = {}
+        if others:
+            grads = computer.per_example_grads(trainable, fixed, x, y, kind, names=others, pieces=True)
+            dense = dict(zip(others, grads))
+        sizes = [int(trainable[n].numel()) for n in names]
+        # One buffer, reused for every layer and batch: only one layer's gradients exist at a time.
+        largest = batch * max(layer.d_out * layer.d_in for layer in layers)
+        key = (reference.dtype, reference.device)
+        scratch = self._pieces.get(key)
+        if scratch is None or scratch.numel() < largest:
+            self._pieces.pop(key, None)
+            scratch = torch.empty(largest, dtype=reference.dtype, device=reference.device)
+            self._pieces[key] = scratch
+
+        def piece(i: int) -> Tensor:
+            name = names[i]
+            if name in dense:
+                return dense.pop(name)  # the projection holds it while it needs it
+            index, what = sources[name]
+            if not deltas[index]:  # the module was not called: a zero gradient
+                return torch.zeros(batch, sizes[i], dtype=reference.dtype, device=reference.device)
+            if what == "bias":
+                return layer_bias_grads(deltas[index])
+            return layer_weight_grads(layers[index], capture.modules[index], capture.inputs[index], deltas[index],
+                                      scratch)
+
+        return self._project_lazy(sizes, piece, batch, reference.dtype, reference.device)
 
     def features(self, computer: "GradientComputer", trainable: dict, fixed: dict, x: Tensor, y: Tensor,
                  kind: str = "loss") -> Tensor:
         if type(self).project is not RademacherProjector.project:  # a subclass changed project()
             return super().features(computer, trainable, fixed, x, y, kind)
+        hooked = self._hooked
+        if (hooked is not None and computer.model is hooked[0] and list(computer.param_names) == hooked[1]
+                and not computer.model.training):
+            try:
+                return self._hook_features(computer, trainable, fixed, x, y, kind)
+            except DataError:
+                pass  # the vmap path below raises its own error, or copes (a task built for one example)
         return self.project_pieces(computer.per_example_grads(trainable, fixed, x, y, kind, pieces=True))
 
 
