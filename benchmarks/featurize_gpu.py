@@ -42,9 +42,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-import torch  # noqa: E402
-
-from featurize import _data, _model  # noqa: E402
+import torch
+from featurize import _data, _model
 
 
 def _sync() -> None:
@@ -52,8 +51,15 @@ def _sync() -> None:
 
 
 def _srcproj(name: str, x, y, k: int, batch: int, projection: str) -> dict:
-    from srcproj import Attributor, ClassificationTask, FastJLProjector, KroneckerProjector, RademacherProjector
-    from srcproj import Segment, Trajectory
+    from srcproj import (
+        Attributor,
+        ClassificationTask,
+        FastJLProjector,
+        KroneckerProjector,
+        RademacherProjector,
+        Segment,
+        Trajectory,
+    )
 
     model = _model(name).cuda()
     state = {key: value.clone() for key, value in model.state_dict().items()}

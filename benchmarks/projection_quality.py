@@ -28,11 +28,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.func import functional_call, grad, vmap  # noqa: E402
-
-from featurize import _data, _model  # noqa: E402
+import torch
+from featurize import _data, _model
+from torch import nn
+from torch.func import functional_call, grad, vmap
 
 
 def _tiny():

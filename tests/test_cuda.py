@@ -20,9 +20,15 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_scores_close, build_tiny_run
-from srcproj import FastJLProjector, KroneckerProjector, MatrixProjector, RademacherProjector, StoreMismatchError
+
+from srcproj import (
+    FastJLProjector,
+    KroneckerProjector,
+    MatrixProjector,
+    RademacherProjector,
+    StoreMismatchError,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_fast_jl = pytest.mark.skipif(importlib.util.find_spec("fast_jl") is None,
