@@ -616,24 +616,10 @@ class KroneckerProjector(Projector):
     def features(self, computer: "GradientComputer", trainable: dict, fixed: dict, x: Tensor, y: Tensor,
                  kind: str = "loss") -> Tensor:
         layers = self._require_bound(computer.param_names)
-        fn = computer.objective(kind)
         x, y = computer.prepare(trainable, x, y)
         reference = next(iter(trainable.values()))
         dtype, device, batch = reference.dtype, reference.device, x.shape[0]
-        capture = LayerCapture(computer.model, layers, self._project_inputs)
-        outputs = capture.forward({**trainable, **fixed}, x)
-        try:
-            with torch.enable_grad():
-                values = fn(outputs, y)
-        except RuntimeError as exc:
-            raise DataError(f"the task's {kind} failed on outputs of shape {tuple(outputs.shape)} "
-                            f"and targets of shape {tuple(y.shape)}: {exc}") from exc
-        if values.shape != (batch,):
-            raise DataError(f"the task's {kind} returned shape {tuple(values.shape)} for {batch} examples; "
-                            f"it must return one value per example, ({batch},)")
-        with torch.enable_grad():
-            objective = values.sum()
-        deltas = capture.backward(objective)
+        capture, deltas = computer.layer_deltas(trainable, fixed, x, y, kind, layers, self._project_inputs)
         parts = [self._layer_features(i, capture.inputs[i], deltas[i], batch, dtype, device)
                  for i in range(len(layers))]
         if self._dense is not None:
