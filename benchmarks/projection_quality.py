@@ -40,6 +40,7 @@ def _tiny():
 
 
 def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Exact per-example gradients with plain torch.func, independent of srcproj's own."""
     params = {name: p.detach() for name, p in model.named_parameters()}
 
     def loss(p, xi, yi):

@@ -107,7 +107,7 @@ def factored_layers(model: nn.Module, param_names: Sequence[str]) -> tuple[list[
 
 def not_factored_reasons(model: nn.Module, param_names: Sequence[str]) -> dict[str, str]:
     """For each attributed parameter outside a factored layer: why (for error messages)."""
-    layers, others = factored_layers(model, param_names)
+    _, others = factored_layers(model, param_names)
     modules = dict(model.named_modules())
     reasons = {}
     for pname in others:
@@ -234,8 +234,6 @@ class LayerCapture:
         self._outputs: list[list[Tensor]] = [[] for _ in self.layers]
 
     def _hook(self, index: int):
-        layer = self.layers[index]
-
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
             self.inputs[index].append(self.input_fn(index, module, args[0].detach()))
             tracked = output if output.requires_grad else output.detach().requires_grad_(True)
@@ -326,6 +324,27 @@ def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: M
         if wrong:
             failed.append(layer.module)
     return failed
+
+
+def checked_factored_layers(model: nn.Module, param_names: Sequence[str], params: Mapping[str, Tensor] | None,
+                            example: Tensor | None) -> tuple[list[FactoredLayer], list[str], list[str]]:
+    """:func:`factored_layers`, less the layers that fail :func:`verify_factored` on ``example``.
+
+    Returns ``(layers, other parameters in param_names order, demoted modules)``. Without
+    ``example`` nothing is checked. ``params`` is the full state the check runs with
+    (default: the model's own parameters and buffers).
+    """
+    layers, others = factored_layers(model, param_names)
+    if example is None or not layers:
+        return layers, others, []
+    state = dict(params) if params is not None else {**dict(model.named_parameters()),
+                                                     **dict(model.named_buffers())}
+    demoted = verify_factored(model, layers, state, example)
+    if not demoted:
+        return layers, others, []
+    kept = [layer for layer in layers if layer.module not in demoted]
+    claimed = {n for layer in kept for n in (layer.weight, layer.bias) if n is not None}
+    return kept, [n for n in param_names if n not in claimed], demoted
 
 
 class GradientComputer:

@@ -27,12 +27,11 @@ from .errors import ConfigurationError, DataError
 from .gradients import (
     FactoredLayer,
     LayerCapture,
-    factored_layers,
+    checked_factored_layers,
     layer_bias_grads,
     layer_weight_grads,
     not_factored_reasons,
     project_layer_inputs,
-    verify_factored,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -300,19 +299,12 @@ class RademacherProjector(Projector):
         names = [n for n, p in named.items() if p.requires_grad] if param_names is None else list(param_names)
         if not names or any(n not in named for n in names):
             return
-        layers, _ = factored_layers(model, names)
-        if not layers:
-            return
-        state = dict(params) if params is not None else {**dict(model.named_parameters()),
-                                                         **dict(model.named_buffers())}
         try:
-            demoted = verify_factored(model, layers, state, example)
+            layers, others, _ = checked_factored_layers(model, names, params, example)
         except (DataError, RuntimeError, ValueError, TypeError, KeyError):
             return  # the check could not run on this example: keep the vmap path
-        layers = [layer for layer in layers if layer.module not in demoted]
-        claimed = {n for layer in layers for n in (layer.weight, layer.bias) if n is not None}
         if layers:
-            self._hooked = (model, names, layers, [n for n in names if n not in claimed])
+            self._hooked = (model, names, layers, others)
 
     def _hook_features(self, computer: GradientComputer, trainable: dict, fixed: dict, x: Tensor, y: Tensor,
                        kind: str) -> Tensor:
@@ -366,7 +358,15 @@ class RademacherProjector(Projector):
             try:
                 return self._hook_features(computer, trainable, fixed, x, y, kind)
             except DataError:
-                pass  # the vmap path below raises its own error, or copes (a task built for one example)
+                # The hook path needs one objective value per example of a batch; vmap
+                # calls the task one example at a time, so a task that reduces its
+                # outputs (a mean, say) still works there. If it does, this projector
+                # keeps to vmap from now on instead of failing the hooks every batch; if
+                # not, vmap raises its own error and the hooks stay for the next call.
+                features = self.project_pieces(computer.per_example_grads(trainable, fixed, x, y, kind,
+                                                                          pieces=True))
+                self._hooked = None
+                return features
         return self.project_pieces(computer.per_example_grads(trainable, fixed, x, y, kind, pieces=True))
 
 
@@ -490,17 +490,7 @@ class KroneckerProjector(Projector):
         unknown = [n for n in names if n not in named]
         if unknown:
             raise ConfigurationError(f"parameters {unknown[:5]} are not in the model")
-        layers, others = factored_layers(model, names)
-        demoted: list[str] = []
-        if example is not None and layers:
-            state = dict(params) if params is not None else {**dict(model.named_parameters()),
-                                                             **dict(model.named_buffers())}
-            demoted = verify_factored(model, layers, state, example)
-            if demoted:
-                moved = {n for layer in layers if layer.module in demoted
-                         for n in (layer.weight, layer.bias) if n is not None}
-                layers = [layer for layer in layers if layer.module not in demoted]
-                others = [n for n in names if n in moved or n in others]
+        layers, others, demoted = checked_factored_layers(model, names, params, example)
         if not layers:
             raise ConfigurationError(
                 "KroneckerProjector found no Linear or Conv2d layer among the attributed parameters "

@@ -190,3 +190,30 @@ def test_attributor_scores_are_unchanged(tmp_path):
         assert_scores_close(default.checkpoint_features(c), explicit.checkpoint_features(c), rtol=1e-5)
         assert_scores_close(default.checkpoint_hessian(c), explicit.checkpoint_hessian(c), rtol=1e-5)
     assert_scores_close(default.score(queries), explicit.score(queries), rtol=1e-5)
+
+
+class SummedLossTask(ClassificationTask):
+    """A task whose loss reduces the batch to one number: fine one example at a time (vmap),
+    not for one batched backward pass."""
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return super().loss(outputs, targets).sum()
+
+
+def test_a_task_with_a_reduced_loss_falls_back_to_vmap_once_and_for_all(monkeypatch):
+    model, x, y = build("mlp")
+    computer = GradientComputer(model, SummedLossTask())
+    trainable, fixed = computer.split(model.state_dict(), torch.device("cpu"))
+    projector = RademacherProjector(37, seed=3)
+    with computer.evaluating():
+        projector.bind(model, computer.param_names, params={**trainable, **fixed}, example=x[:2])
+        assert projector._hooked is not None
+        calls = []
+        original = computer.layer_deltas
+        monkeypatch.setattr(computer, "layer_deltas", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+        first = projector.features(computer, trainable, fixed, x, y)
+        second = projector.features(computer, trainable, fixed, x, y)
+        want = projector.project(computer.per_example_grads(trainable, fixed, x, y))
+    assert len(calls) == 1 and projector._hooked is None  # tried once, then vmap only
+    torch.testing.assert_close(first, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(second, want, rtol=1e-10, atol=1e-12)
