@@ -112,7 +112,7 @@ class Attributor:
         Where gradients are computed (default: the model's device).
     query : {"last_segment", "final"}
         Where query gradients ψ are taken: averaged over the last segment's checkpoints
-        (the default), or at the final checkpoint only (source-math.md §3). The average
+        (the default), or at the final checkpoint only (docs/math.md §3). The average
         smooths the noise of one SGD iterate; it won on every scenario of the LDS
         benchmark (docs/benchmarks.md). It changes only scoring, not the store.
     distributed : bool, optional

@@ -5,11 +5,11 @@ sign convention (positive = including the training example helps the query) and
 ``self_influence() -> (N,)``. They reuse the projection, the stored features and the
 stored Hessians wherever the formula allows, and compute only what the store lacks
 (e.g. margin gradients for TRAK, query gradients at every checkpoint for TracIn).
-Formulas: ``source-math.md`` §5.
+Formulas: ``docs/math.md`` §5.
 
 - :class:`InfluenceFunction`: ``-ψᵀ(Ĥ_c + δI)⁻¹φ_c / N`` at one checkpoint (the final).
 - :class:`SourceVariant`: SOURCE with other segment times (e.g. the same-epochs
-  retraining protocol, source-math.md §8) or query features averaged over the last
+  retraining protocol, docs/math.md §8) or query features averaged over the last
   segment, without recomputing features or Hessians.
 - :class:`TracIn`: ``-Σ_c η_c ψ_cᵀ φ_c``.
 - :class:`TRAK`: ``ψᵀ(ΦᵀΦ)⁻¹φ_m (1 - p_m)`` with margin features at the final checkpoint.
@@ -135,11 +135,11 @@ class SourceVariant:
     trajectory : Trajectory, optional
         The same segments and checkpoints described with other steps or learning rates,
         e.g. ``steps = α·K`` for the segments a same-epochs retraining subsampled
-        (source-math.md §8). Default: the attributor's own. Only its steps and learning
+        (docs/math.md §8). Default: the attributor's own. Only its steps and learning
         rates are read: checkpoints and data always come from the store, and momentum,
         weight decay, segment count, checkpoint counts and data sizes must match.
     query : {"final", "last_segment"}, optional
-        Query features at the final checkpoint (source-math.md §3) or averaged over the
+        Query features at the final checkpoint (docs/math.md §3) or averaged over the
         last segment's checkpoints; default: the attributor's ``query`` setting.
     segments : sequence of int, optional
         Segments whose terms are summed (as in :meth:`Attributor.score`).

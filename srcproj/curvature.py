@@ -1,6 +1,6 @@
 """Projected Gauss-Newton Hessians ``Ĥ_c = (1/n) Σ_i P J_iᵀ Λ_i J_i Pᵀ`` at one checkpoint.
 
-Three estimators (source-math.md §3):
+Three estimators (docs/math.md §3):
 
 ``exact``
     Per example, the C output-Jacobian rows are projected once and combined with a

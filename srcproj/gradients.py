@@ -42,7 +42,7 @@ def _tensor_digest(digest: "hashlib._Hash", name: str, tensor: Tensor) -> None:
 
 @dataclass(frozen=True)
 class FactoredLayer:
-    """A layer whose per-example weight gradient is ``Σ_t δ_t a_tᵀ`` (source-math.md §3).
+    """A layer whose per-example weight gradient is ``Σ_t δ_t a_tᵀ`` (docs/math.md §3).
 
     ``a_t`` is the layer's input at position ``t`` (for a Conv2d, the input patch of
     output pixel ``t``) and ``δ_t`` the gradient of the objective in the layer's output

@@ -1,6 +1,6 @@
 """SOURCE's unrolling math in the small space: pure numpy, no I/O.
 
-Notation follows ``source-math.md``: a segment with mean Hessian ``H = V diag(λ) Vᵀ``
+Notation follows ``docs/math.md``: a segment with mean Hessian ``H = V diag(λ) Vᵀ``
 and time ``a`` forgets with ``S = exp(-aH)`` and accumulates with
 ``F = (I - exp(-aH)) H⁻¹``; removing example m moves the final parameters by
 ``Σ_ℓ W_ℓ ḡ_ℓ(m)`` with ``W_ℓ = S_L ⋯ S_{ℓ+1} F_ℓ / N_ℓ``.

@@ -127,7 +127,7 @@ class Trajectory:
             raise ConfigurationError(f"weight_decay={self.weight_decay!r}; it must be >= 0")
         if self.nesterov:
             raise ConfigurationError(
-                "nesterov momentum is not covered by SOURCE's derivation (source-math.md §1); "
+                "nesterov momentum is not covered by SOURCE's derivation (docs/math.md §1); "
                 "only plain heavy-ball SGD momentum is supported"
             )
         if self.dampening != 0:

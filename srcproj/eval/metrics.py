@@ -6,7 +6,7 @@
 - :func:`roc_auc` and :func:`detection`: how well a ranking finds planted examples
   (e.g. mislabeled ones) among the training data.
 
-Scores follow srcproj's sign convention (source-math.md §2): ``scores[q, m] > 0`` means
+Scores follow srcproj's sign convention (docs/math.md §2): ``scores[q, m] > 0`` means
 that including training example ``m`` helps query ``q``'s measurement, and measurements
 are "higher is better". The LDS of a good method is therefore positive.
 """
