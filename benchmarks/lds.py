@@ -10,7 +10,7 @@ retrained with ``--seeds`` seeds under two protocols, cached under ``--cache``:
 
 - ``steps``: a subset is trained for as many optimizer steps as the full run;
 - ``epochs``: for as many epochs (half the steps in the subsampled stage), the usual
-  LDS recipe. SOURCE is told so (source-math.md §8) by :class:`SourceVariant` with the
+  LDS recipe. SOURCE is told so (docs/math.md §8) by :class:`SourceVariant` with the
   subsampled segments' steps halved; the other methods have no notion of it.
 
 The benchmark has two disjoint splits, each with its own random subsets, retraining

@@ -218,7 +218,7 @@ def attributed_run(scenario: Scenario, seed: int, layout: str = "default"):
     (one segment per checkpoint). The trained model is the same for every layout.
 
     Returns the final state_dict and a function ``trajectory(protocol, fraction)`` that
-    builds the :class:`Trajectory` answering that retraining protocol (source-math.md
+    builds the :class:`Trajectory` answering that retraining protocol (docs/math.md
     §8: the same-epochs protocol trains the target stage for ``fraction`` of its steps).
     """
     if layout not in LAYOUTS:

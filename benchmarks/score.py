@@ -44,9 +44,10 @@ from srcproj.scoring import (
     store_cache,
     top_k,
 )
-from srcproj.store import AttributionStore, _compressors
+from srcproj import layout as names
+from srcproj.store import AttributionStore, compressors
 
-ARRAY = "caches/seg_0"
+ARRAY = names.cache(0)
 
 
 def make_store(path: str, num_rows: int, dim: int, chunk: int, seed: int) -> float:
@@ -60,7 +61,7 @@ def make_store(path: str, num_rows: int, dim: int, chunk: int, seed: int) -> flo
     began = time.perf_counter()
     group = zarr.open_group(path, mode="w", zarr_format=3)
     array = group.create_array(ARRAY, shape=(num_rows, dim), chunks=(chunk, dim), dtype="float32",
-                               compressors=_compressors(), fill_value=0)
+                               compressors=compressors(), fill_value=0)
     rng = np.random.default_rng(seed)
     step = max(chunk, (64 << 20) // (dim * 4) // chunk * chunk)
     for start in range(0, num_rows, step):

@@ -1,11 +1,12 @@
 """Other attribution methods, computed from a featurized :class:`Attributor`'s store.
 
-Each method has the same shape as SOURCE: ``score(queries) -> (Q, N)`` in srcproj's
-sign convention (positive = including the training example helps the query) and
-``self_influence() -> (N,)``. They reuse the projection, the stored features and the
-stored Hessians wherever the formula allows, and compute only what the store lacks
-(e.g. margin gradients for TRAK, query gradients at every checkpoint for TracIn).
-Formulas: ``docs/math.md`` §5.
+Every method implements :class:`~srcproj.method.AttributionMethod`: a training side and
+a query side that the streamed, memory-budgeted scorer consumes, so each has the same
+``score`` (in memory or to a zarr array), ``top_k`` and ``self_influence`` as SOURCE,
+in srcproj's sign convention (positive = including the training example helps the
+query). They reuse the projection, the stored features and the stored Hessians wherever
+the formula allows, and compute only what the store lacks (e.g. margin gradients for
+TRAK, query gradients at every checkpoint for TracIn). Formulas: ``docs/math.md`` §5.
 
 - :class:`InfluenceFunction`: ``-ψᵀ(Ĥ_c + δI)⁻¹φ_c / N`` at one checkpoint (the final).
 - :class:`SourceVariant`: SOURCE with other segment times (e.g. the same-epochs
@@ -22,7 +23,7 @@ Formulas: ``docs/math.md`` §5.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,9 +32,12 @@ import torch
 from .attributor import Attributor
 from .data import ExampleSource
 from .errors import ConfigurationError
-from .source import eigendecompose, unrolling_operators
+from .method import AttributionMethod, Source
+from .scoring import BlockReader, Cache, Queries
+from .source import eigendecompose
 from .tasks import ClassificationTask
 from .trajectory import Segment, Trajectory
+from .validation import check_choice
 
 __all__ = [
     "TRAK",
@@ -49,26 +53,44 @@ __all__ = [
 def _require_attributor(attributor: Any) -> Attributor:
     if not isinstance(attributor, Attributor):
         raise ConfigurationError(f"expected a srcproj.Attributor, got {type(attributor).__name__}")
-    attributor._require_featurized()
+    attributor.require_featurized()
     return attributor
 
 
-def _target_segment(attributor: Attributor, data_segment: int) -> int:
-    return attributor._data_segment(data_segment)
+class _StoreBaseline(AttributionMethod):
+    """A method computed from one attributor's store, with ψ at fixed checkpoints."""
+
+    def __init__(self, attributor: Any, data_segment: int) -> None:
+        self.attributor = _require_attributor(attributor)
+        self.context = attributor.context
+        self.data_segment = self.context.selection([data_segment])[0]
+        self._training: Cache | None = None
+
+    def _measurements(self, source: ExampleSource, checkpoints: Sequence[int], batch_size: int) -> BlockReader:
+        return lambda start, stop: self.context.measurement_features(source, start, stop, batch_size, checkpoints)
+
+    def _queries_at(self, queries: Any, checkpoints: Sequence[int], batch_size: int) -> Queries:
+        source = self.context.query_source(queries)
+        return Queries(self._measurements(source, checkpoints, batch_size), len(source))
+
+    def _cache(self, rows: np.ndarray) -> Cache:
+        return Cache.of(rows.astype(self.context.cache_dtype), self.context.chunk_size)
+
+    def protected_location(self) -> str | None:
+        return self.attributor.store.local_root
 
 
-def _final_outputs(att: Attributor, source: ExampleSource, batch: int = 1024):
+def _final_outputs(context: Any, source: ExampleSource, batch: int = 1024) -> Iterator[tuple[torch.Tensor, Any]]:
     """Yield ``(outputs, targets)`` of the model at the final checkpoint, batch by batch."""
-    trainable, fixed = att._final_parameters()
-    dtype = next(iter(trainable.values())).dtype
-    with torch.no_grad(), att.computer.evaluating():
+    trainable, fixed = context.parameters(context.num_checkpoints - 1)
+    with torch.no_grad(), context.computer.evaluating():
         for lo in range(0, len(source), batch):
             x, y = source.rows(lo, min(lo + batch, len(source)))
-            x = x.to(att.device, dtype) if x.is_floating_point() else x.to(att.device)
-            yield att.computer.forward(trainable, fixed, x), y
+            x, _ = context.computer.prepare(trainable, x, torch.zeros(0))
+            yield context.computer.forward(trainable, fixed, x), y
 
 
-class InfluenceFunction:
+class InfluenceFunction(_StoreBaseline):
     """The damped influence function at one checkpoint (SOURCE with one segment, a → ∞).
 
     Parameters
@@ -89,9 +111,9 @@ class InfluenceFunction:
 
     def __init__(self, attributor: Attributor, damping: float | None = None, checkpoint: int = -1,
                  data_segment: int = 0) -> None:
-        self.attributor = _require_attributor(attributor)
+        super().__init__(attributor, data_segment)
         if damping is None:
-            damping = attributor.trajectory.weight_decay
+            damping = attributor.trajectory.weight_decay if attributor.trajectory is not None else 0.0
             if damping <= 0:
                 raise ConfigurationError(
                     "the run has no weight decay, so the influence function needs an explicit damping; "
@@ -100,32 +122,25 @@ class InfluenceFunction:
         if not np.isfinite(damping) or damping <= 0:
             raise ConfigurationError(f"damping={damping!r}; it must be a finite number > 0")
         self.damping = float(damping)
-        self.checkpoint = attributor._checkpoint_number(checkpoint)
-        self.data_segment = _target_segment(attributor, data_segment)
-        self._cache: np.ndarray | None = None
+        self.checkpoint = self.context.checkpoint_number(checkpoint)
 
-    def _inverse(self) -> np.ndarray:
-        spectrum = eigendecompose(self.attributor.checkpoint_hessian(self.checkpoint), self.damping)
-        return spectrum.function(1.0 / spectrum.eigenvalues)
-
-    def training_side(self) -> np.ndarray:
-        """``T = Φ (Ĥ + δI)⁻¹ / N``, so that scores are ``-Ψ Tᵀ``."""
-        if self._cache is None:
+    def training_side(self) -> Cache:
+        """``T = Φ (Ĥ + δI)⁻¹ / N``."""
+        if self._training is None:
+            spectrum = eigendecompose(self.attributor.checkpoint_hessian(self.checkpoint), self.damping)
+            inverse = spectrum.function(1.0 / spectrum.eigenvalues)
             phi = self.attributor.checkpoint_features(self.checkpoint, "loss", self.data_segment)
-            n = phi.shape[0]
-            self._cache = (phi.astype(np.float64) @ self._inverse() / n).astype(self.attributor.cache_dtype)
-        return self._cache
+            self._training = self._cache(phi.astype(np.float64) @ inverse / phi.shape[0])
+        return self._training
 
-    def score(self, queries: Any) -> np.ndarray:
-        psi = self.attributor.query_features_at(queries, self.checkpoint)
-        return -(psi.astype(self.training_side().dtype) @ self.training_side().T)
+    def query_side(self, queries: Any, batch_size: int = 64) -> Queries:
+        return self._queries_at(queries, [self.checkpoint], batch_size)
 
-    def self_influence(self) -> np.ndarray:
-        psi = self.attributor.checkpoint_features(self.checkpoint, "measurement", self.data_segment)
-        return -np.einsum("nk,nk->n", psi.astype(np.float64), self.training_side().astype(np.float64))
+    def self_query_side(self, batch_size: int = 64) -> BlockReader:
+        return self._measurements(self.context.source(self.data_segment), [self.checkpoint], batch_size)
 
 
-class SourceVariant:
+class SourceVariant(Source):
     """SOURCE from the stored features and spectra, with other times or query features.
 
     Parameters
@@ -139,17 +154,15 @@ class SourceVariant:
         rates are read: checkpoints and data always come from the store, and momentum,
         weight decay, segment count, checkpoint counts and data sizes must match.
     query : {"final", "last_segment"}, optional
-        Query features at the final checkpoint (docs/math.md §3) or averaged over the
-        last segment's checkpoints; default: the attributor's ``query`` setting.
+        Query features at the final checkpoint or averaged over the last segment's
+        checkpoints; default: the attributor's ``query`` setting.
     segments : sequence of int, optional
         Segments whose terms are summed (as in :meth:`Attributor.score`).
     """
 
-    name = "SOURCE"
-
     def __init__(self, attributor: Attributor, trajectory: Trajectory | None = None, query: str | None = None,
                  segments: Sequence[int] | None = None) -> None:
-        self.attributor = _require_attributor(attributor)
+        attributor = _require_attributor(attributor)
         own = attributor.trajectory
         trajectory = own if trajectory is None else trajectory
         if not isinstance(trajectory, Trajectory):
@@ -166,106 +179,65 @@ class SourceVariant:
                 f"the store was made with {own.momentum} and {own.weight_decay}. Only steps and learning rates "
                 "may change"
             )
-        for i, (a, b) in enumerate(zip(trajectory.segments, own.segments)):
+        for i, (a, b) in enumerate(zip(trajectory.segments, own.segments, strict=True)):
             if len(a.checkpoints) != len(b.checkpoints):
                 raise ConfigurationError(f"segment {i} has {len(a.checkpoints)} checkpoints; the store has "
                                          f"{len(b.checkpoints)}. Only steps and learning rates may change")
-            if len(ExampleSource(a.data, f"segment {i}'s data")) != len(attributor.sources[i]):
+            if len(ExampleSource(a.data, f"segment {i}'s data")) != attributor.layout.rows(i):
                 raise ConfigurationError(f"segment {i}'s data has another number of examples than the store's; "
                                          "only steps and learning rates may change")
-        query = attributor.query if query is None else query
-        if query not in ("final", "last_segment"):
-            raise ConfigurationError(f"query={query!r}; choose 'final' or 'last_segment'")
+        query = attributor.query if query is None else check_choice(query, "query", ("final", "last_segment"))
+        self.attributor = attributor
         self.trajectory = trajectory
-        self.query = query
-        self.selected = attributor._selection(segments)
-        self._cache: np.ndarray | None = None
-
-    def training_side(self) -> np.ndarray:
-        """``T = Σ_ℓ Ḡ_ℓ W_ℓᵀ`` over the selected segments, in memory, ``(N, k)``."""
-        if self._cache is None:
-            att = self.attributor
-            spectra = att.segment_spectra()
-            times = [self.trajectory.segment_time(s) for s in range(len(spectra))]
-            operators = unrolling_operators(spectra, times, [len(src) for src in att.sources])
-            total = None
-            for seg in self.selected:
-                members = [c for c, (s, _) in enumerate(att.checkpoints) if s == seg]
-                mean = sum(att.checkpoint_features(c, "loss", seg).astype(np.float64) for c in members) / len(members)
-                part = mean @ operators[seg].T
-                total = part if total is None else total + part
-            self._cache = total.astype(att.cache_dtype)
-        return self._cache
-
-    def query_features(self, queries: Any) -> np.ndarray:
-        att = self.attributor
-        if self.query == "final":
-            return att.query_features_at(queries, -1)
-        last = len(self.trajectory.segments) - 1
-        members = [c for c, (s, _) in enumerate(att.checkpoints) if s == last]
-        return sum(att.query_features_at(queries, c).astype(np.float64) for c in members) / len(members)
-
-    def score(self, queries: Any) -> np.ndarray:
-        return -(self.query_features(queries).astype(self.training_side().dtype) @ self.training_side().T)
-
-    def self_influence(self) -> np.ndarray:
-        att = self.attributor
-        seg = self.selected[0]
-        if self.query == "final":
-            psi = att.checkpoint_features(-1, "measurement", seg).astype(np.float64)
-        else:
-            last = len(self.trajectory.segments) - 1
-            members = [c for c, (s, _) in enumerate(att.checkpoints) if s == last]
-            psi = sum(att.checkpoint_features(c, "measurement", seg).astype(np.float64) for c in members)
-            psi /= len(members)
-        return -np.einsum("nk,nk->n", psi, self.training_side().astype(np.float64))
+        times = [trajectory.segment_time(s) for s in range(len(trajectory.segments))]
+        super().__init__(attributor.context, attributor.layout, query, attributor.context.selection(segments), times)
 
 
-class TracIn:
+class TracIn(_StoreBaseline):
     """TracIn-CP in the projected space: ``-Σ_c η_c ψ_cᵀ φ_c(m)``.
 
     The sum runs over the checkpoints of the segments that trained on the attributed
-    data (``data_segment``'s data object); ``η_c`` is the mean learning rate of the
+    data (``data_segment``'s data set); ``η_c`` is the mean learning rate of the
     checkpoint's segment. The minus sign: ψ is the gradient of a measurement where
-    higher is better, φ that of a loss.
+    higher is better, φ that of a loss. The checkpoints' terms are one product:
+    ``Ψ = [ψ_c …]`` against ``T = [η_c φ_c …]``.
     """
 
     name = "TracIn-CP"
 
     def __init__(self, attributor: Attributor, data_segment: int = 0) -> None:
-        self.attributor = _require_attributor(attributor)
-        seg = _target_segment(attributor, data_segment)
-        self.data_segment = seg
-        group = attributor.trajectory.data_groups[seg]
+        super().__init__(attributor, data_segment)
+        if attributor.trajectory is None:
+            raise ConfigurationError("TracIn needs every checkpoint and learning rate: build the Attributor with "
+                                     "the trajectory instead of Attributor.open")
+        ctx = self.context
+        group = ctx.data_groups[self.data_segment]
         self.terms = []
-        for c, (s, _) in enumerate(attributor.checkpoints):
-            if attributor.trajectory.data_groups[s] == group:
+        for c in range(ctx.num_checkpoints):
+            s = ctx.segment_of(c)
+            if ctx.data_groups[s] == group:
                 segment = attributor.trajectory.segments[s]
                 self.terms.append((c, segment.total_lr / segment.steps))
-        self._features: dict[int, np.ndarray] = {}
 
-    def _phi(self, checkpoint: int) -> np.ndarray:
-        if checkpoint not in self._features:
-            self._features[checkpoint] = self.attributor.checkpoint_features(checkpoint, "loss", self.data_segment)
-        return self._features[checkpoint]
+    def training_side(self) -> Cache:
+        if self._training is None:
+            self._training = Cache.hstack([
+                self._cache(lr * self.attributor.checkpoint_features(c, "loss", self.data_segment).astype(np.float64))
+                for c, lr in self.terms])
+        return self._training
 
-    def score(self, queries: Any) -> np.ndarray:
-        total = None
-        for c, lr in self.terms:
-            psi = self.attributor.query_features_at(queries, c)
-            part = -lr * (psi.astype(np.float64) @ self._phi(c).T.astype(np.float64))
-            total = part if total is None else total + part
-        return total
+    def query_side(self, queries: Any, batch_size: int = 64) -> Queries:
+        source = self.context.query_source(queries)
+        return Queries.hstack([Queries(self._measurements(source, [c], batch_size), len(source))
+                               for c, _ in self.terms])
 
-    def self_influence(self) -> np.ndarray:
-        total = 0.0
-        for c, lr in self.terms:
-            psi = self.attributor.checkpoint_features(c, "measurement", self.data_segment).astype(np.float64)
-            total = total - lr * np.einsum("nk,nk->n", psi, self._phi(c).astype(np.float64))
-        return np.asarray(total)
+    def self_query_side(self, batch_size: int = 64) -> BlockReader:
+        source = self.context.source(self.data_segment)
+        readers = [self._measurements(source, [c], batch_size) for c, _ in self.terms]
+        return lambda start, stop: np.concatenate([read(start, stop) for read in readers], axis=1)
 
 
-class TRAK:
+class TRAK(_StoreBaseline):
     """TRAK's estimator (Park et al. 2023) in srcproj's projected space, one model.
 
     ``score(q, m) = ψ_qᵀ (ΦᵀΦ + δI)⁻¹ φ_m (1 - p_m)``, with φ the margin gradients of the
@@ -281,26 +253,24 @@ class TRAK:
     name = "TRAK"
 
     def __init__(self, attributor: Attributor, damping: float = 0.0, data_segment: int = 0) -> None:
-        self.attributor = _require_attributor(attributor)
+        super().__init__(attributor, data_segment)
         if not isinstance(attributor.task, ClassificationTask):
             raise ConfigurationError("TRAK's 1 - p weighting is defined for a ClassificationTask; "
                                      f"this attributor's task is {type(attributor.task).__name__}")
         if not np.isfinite(damping) or damping < 0:
             raise ConfigurationError(f"damping={damping!r}; it must be a finite number ≥ 0")
         self.damping = float(damping)
-        self.data_segment = _target_segment(attributor, data_segment)
-        self._cache: np.ndarray | None = None
+        self.final = self.context.num_checkpoints - 1
 
     def _correct_probabilities(self) -> np.ndarray:
-        att = self.attributor
         out = []
-        for logits, y in _final_outputs(att, att.sources[self.data_segment]):
-            out.append(torch.softmax(logits.double(), 1).gather(1, y.to(att.device).long()[:, None])[:, 0].cpu())
+        for logits, y in _final_outputs(self.context, self.context.source(self.data_segment)):
+            out.append(torch.softmax(logits.double(), 1).gather(1, y.to(logits.device).long()[:, None])[:, 0].cpu())
         return torch.cat(out).numpy()
 
-    def training_side(self) -> np.ndarray:
-        """``T = diag(1 - p) Φ (ΦᵀΦ + δI)⁻¹``, so that scores are ``Ψ Tᵀ``."""
-        if self._cache is None:
+    def training_side(self) -> Cache:
+        """``T = -diag(1 - p) Φ (ΦᵀΦ + δI)⁻¹`` (negated: TRAK's scores are ``+Ψ(…)ᵀ``)."""
+        if self._training is None:
             phi = self.attributor.checkpoint_features(-1, "measurement", self.data_segment).astype(np.float64)
             kernel = phi.T @ phi
             values, vectors = np.linalg.eigh(0.5 * (kernel + kernel.T))
@@ -312,19 +282,17 @@ class TRAK:
                 )
             inverse = (vectors / values) @ vectors.T
             weights = (1.0 - self._correct_probabilities())[:, None]
-            self._cache = ((phi @ inverse) * weights).astype(self.attributor.cache_dtype)
-        return self._cache
+            self._training = self._cache(-(phi @ inverse) * weights)
+        return self._training
 
-    def score(self, queries: Any) -> np.ndarray:
-        psi = self.attributor.query_features_at(queries, -1)
-        return psi.astype(self.training_side().dtype) @ self.training_side().T
+    def query_side(self, queries: Any, batch_size: int = 64) -> Queries:
+        return self._queries_at(queries, [self.final], batch_size)
 
-    def self_influence(self) -> np.ndarray:
-        psi = self.attributor.checkpoint_features(-1, "measurement", self.data_segment).astype(np.float64)
-        return np.einsum("nk,nk->n", psi, self.training_side().astype(np.float64))
+    def self_query_side(self, batch_size: int = 64) -> BlockReader:
+        return self._measurements(self.context.source(self.data_segment), [self.final], batch_size)
 
 
-class RepresentationSimilarity:
+class RepresentationSimilarity(_StoreBaseline):
     """Cosine similarity of one layer's outputs at the final checkpoint (RepSim).
 
     Parameters
@@ -337,59 +305,77 @@ class RepresentationSimilarity:
     name = "RepSim"
 
     def __init__(self, attributor: Attributor, module: str, data_segment: int = 0) -> None:
-        self.attributor = _require_attributor(attributor)
+        super().__init__(attributor, data_segment)
         modules = dict(attributor.computer.model.named_modules())
         if module not in modules or module == "":
             names = [n for n in modules if n]
             raise ConfigurationError(f"module {module!r} is not in the model; its submodules are {names[:20]}")
         self.module = modules[module]
-        self.data_segment = _target_segment(attributor, data_segment)
-        self._train: np.ndarray | None = None
 
     def _representations(self, source: ExampleSource) -> np.ndarray:
         captured: list[torch.Tensor] = []
         handle = self.module.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
         try:
-            for _ in _final_outputs(self.attributor, source):
+            for _ in _final_outputs(self.context, source):
                 pass
         finally:
             handle.remove()
         rows = torch.cat([c.reshape(c.shape[0], -1) for c in captured]).double()
         return torch.nn.functional.normalize(rows, dim=1).cpu().numpy()
 
-    def score(self, queries: Any) -> np.ndarray:
-        if self._train is None:
-            self._train = self._representations(self.attributor.sources[self.data_segment])
-        return self._representations(ExampleSource(queries, "the query set")) @ self._train.T
+    def training_side(self) -> Cache:
+        """Minus the unit representations (so that ``-Ψ Tᵀ`` is the cosine similarity)."""
+        if self._training is None:
+            self._training = self._cache(-self._representations(self.context.source(self.data_segment)))
+        return self._training
 
-    def self_influence(self) -> np.ndarray:
+    def query_side(self, queries: Any, batch_size: int = 64) -> Queries:
+        return Queries.of(self._representations(ExampleSource(queries, "the query set")))
+
+    def self_query_side(self, batch_size: int = 64) -> BlockReader:
         raise ConfigurationError("RepSim's self-similarity is 1 for every example; it cannot rank them")
 
 
-class Ensemble:
-    """The mean score of several methods, e.g. one per independently trained run."""
+class Ensemble(AttributionMethod):
+    """The mean score of several methods, e.g. one per independently trained run.
+
+    The members' sides are concatenated (each training side divided by the number of
+    members), so the ensemble is scored in one streamed product like any method.
+    """
 
     def __init__(self, members: Sequence[Any]) -> None:
         members = list(members)
         if not members:
             raise ConfigurationError("an ensemble needs at least one member")
         for m in members:
-            if not callable(getattr(m, "score", None)):
-                raise ConfigurationError(f"ensemble members need a score() method; got {type(m).__name__}")
+            if not isinstance(m, AttributionMethod):
+                raise ConfigurationError(f"ensemble members need a score() method; got {type(m).__name__} "
+                                         "(give srcproj attribution methods: an Attributor or a baseline)")
         self.members = members
         self.name = f"{getattr(members[0], 'name', 'method')} ×{len(members)}"
+        self._training: Cache | None = None
 
-    def score(self, queries: Any) -> np.ndarray:
-        total = None
-        for m in self.members:
-            part = np.asarray(m.score(queries), dtype=np.float64)
-            if total is not None and part.shape != total.shape:
-                raise ConfigurationError(f"ensemble members disagree on the score shape: {part.shape} vs {total.shape}")
-            total = part if total is None else total + part
-        return total / len(self.members)
+    def training_side(self) -> Cache:
+        if self._training is None:
+            parts = [m.training_side() for m in self.members]
+            rows = {p.num_rows for p in parts}
+            if len(rows) > 1:
+                raise ConfigurationError(f"ensemble members disagree on the score shape: training sides of "
+                                         f"{sorted(rows)} examples")
+            share = 1.0 / len(parts)
+            dtype = np.result_type(*[p.dtype for p in parts])
+            scaled = [Cache(lambda start, stop, p=p: p.read(start, stop).astype(dtype) * share, p.num_rows, p.dim,
+                            dtype, p.chunk_rows, copies=2) for p in parts]
+            self._training = Cache.hstack(scaled, dtype)
+        return self._training
 
-    def self_influence(self) -> np.ndarray:
-        return sum(np.asarray(m.self_influence(), dtype=np.float64) for m in self.members) / len(self.members)
+    def query_side(self, queries: Any, batch_size: int = 64) -> Queries:
+        return Queries.hstack([m.query_side(queries, batch_size) for m in self.members])
+
+    def self_query_side(self, batch_size: int = 64) -> BlockReader:
+        readers = [m.self_query_side(batch_size) for m in self.members]
+        return lambda start, stop: np.concatenate([np.asarray(read(start, stop), dtype=np.float64)
+                                                   for read in readers], axis=1)
 
 
 def _load_state(checkpoint: Any) -> Mapping[str, torch.Tensor]:

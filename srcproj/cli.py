@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -107,58 +106,32 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- info
-def _flags(store: AttributionStore, name: str, count: int) -> np.ndarray:
-    """Done flags of ``name``; an array never created means nothing of it is done."""
-    if not store.has(name):
-        return np.zeros(count, dtype=bool)
-    flags = np.asarray(store.read_all(name), dtype=bool)
-    # A flag array shorter than expected is as good as absent for the missing units.
-    return np.pad(flags[:count], (0, max(0, count - flags.shape[0])))
-
-
 def store_summary(store: AttributionStore) -> dict:
     """Metadata and completion state of an opened :class:`~srcproj.store.AttributionStore`.
 
-    Completion is read from the ``*_done`` flag arrays, the same markers that
-    :meth:`Attributor.featurize` resumes from.
+    Completion is read from the done flags (:meth:`StoreLayout.completion`), the same
+    markers that :meth:`Attributor.featurize` resumes from; the optimizer settings and
+    segment times are the inputs the spectra and caches were last computed with.
     """
+    from .layout import StoreLayout
+
+    layout = StoreLayout(store)
     meta = store.metadata
-    chunk = int(meta.get("chunk_size", 1024))
-    segments = meta.get("segments", [])
+    inputs = layout.stage_inputs()
+    caches = inputs.get("caches", {})
+    times = caches.get("segments", [])
     summary_segments = []
-    feature_chunks = [0, 0]
-    checkpoints_done = [0, 0]
-    cache_chunks = [0, 0]
-    caches_done = [0, 0]
-    checkpoint = 0
-    for seg, info in enumerate(segments):
-        examples = int(info.get("num_examples", 0))
-        chunks = math.ceil(examples / chunk) if examples else 0
-        members = len(info.get("checkpoints", []))
-        for _ in range(members):
-            done = int(_flags(store, f"features/ckpt_{checkpoint}_done", chunks).sum())
-            feature_chunks[0] += done
-            feature_chunks[1] += chunks
-            checkpoints_done[0] += done == chunks
-            checkpoints_done[1] += 1
-            checkpoint += 1
-        done = int(_flags(store, f"caches/seg_{seg}_done", chunks).sum())
-        cache_chunks[0] += done
-        cache_chunks[1] += chunks
-        caches_done[0] += done == chunks
-        caches_done[1] += 1
+    for seg, info in enumerate(meta.get("segments", [])):
+        timing = times[seg] if seg < len(times) else {}
         summary_segments.append({
             "index": seg,
-            "steps": info.get("steps"),
-            "total_lr": info.get("total_lr"),
-            "time": info.get("time"),
-            "num_examples": examples,
-            "num_checkpoints": members,
+            "steps": timing.get("steps"),
+            "total_lr": timing.get("total_lr"),
+            "time": timing.get("time"),
+            "num_examples": int(info.get("num_examples", 0)),
+            "num_checkpoints": len(info.get("checkpoints", [])),
             "data_group": info.get("data_group", seg),
         })
-    hessians = int(_flags(store, "hessians/done", checkpoint).sum())
-    spectra = int(_flags(store, "segments/done", len(segments)).sum())
-    complete = bool(segments) and caches_done[0] == caches_done[1]
     return {
         "location": store.location,
         "format": meta.get("format"),
@@ -172,17 +145,11 @@ def store_summary(store: AttributionStore) -> dict:
         "hessian": meta.get("hessian"),
         "fisher_samples": meta.get("fisher_samples"),
         "feature_dtype": meta.get("feature_dtype"),
-        "chunk_size": chunk,
-        "momentum": meta.get("momentum"),
-        "weight_decay": meta.get("weight_decay"),
+        "chunk_size": layout.shape.chunk_size,
+        "momentum": caches.get("momentum"),
+        "weight_decay": inputs.get("spectra", {}).get("weight_decay"),
         "segments": summary_segments,
-        "completion": {
-            "features": {"checkpoints": checkpoints_done, "chunks": feature_chunks},
-            "hessians": [hessians, checkpoint],
-            "spectra": [spectra, len(segments)],
-            "caches": {"segments": caches_done, "chunks": cache_chunks},
-            "complete": complete,
-        },
+        "completion": layout.completion(),
         # A local store always holds its zarr.json, so 0 means "not a local store".
         "bytes_on_disk": store.nbytes_stored() or None,
     }

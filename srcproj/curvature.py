@@ -1,15 +1,18 @@
 """Projected Gauss-Newton Hessians ``Ĥ_c = (1/n) Σ_i P J_iᵀ Λ_i J_i Pᵀ`` at one checkpoint.
 
-Three estimators (docs/math.md §3):
+Three estimators (docs/math.md §3), each an object that turns projected rows into
+weighted rows whose outer products sum to the Hessian. They never see the model or the
+projector: :attr:`HessianEstimator.needs` declares which projected quantities the
+featurize pipeline must hand them.
 
-``exact``
-    Per example, the C output-Jacobian rows are projected once and combined with a
-    square-root factor of the output Hessian Λ (for softmax cross-entropy,
-    ``diag(p) - ppᵀ``): the Fisher with its expectation over labels computed exactly.
-``fisher``
+``exact`` (:class:`ExactGaussNewton`)
+    Per example, the C projected output-Jacobian rows combined with a square-root
+    factor of the output Hessian Λ (for softmax cross-entropy ``diag(p) - ppᵀ``): the
+    Fisher with its expectation over labels computed exactly.
+``fisher`` (:class:`SampledFisher`)
     Labels sampled from the model's own predictive distribution; the mean outer
     product of the projected pseudo-gradients.
-``empirical``
+``empirical`` (:class:`EmpiricalFisher`)
     The mean outer product of the stored true-label features (free and biased).
 
 Sums are accumulated in float64 whatever the model's precision.
@@ -17,16 +20,19 @@ Sums are accumulated in float64 whatever the model's precision.
 
 from __future__ import annotations
 
-from typing import Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .gradients import GradientComputer
-from .projection import Projector
+from .errors import ConfigurationError
+from .tasks import Task
 
-__all__ = ["ESTIMATORS", "HessianAccumulator", "exact_hessian_batch", "fisher_hessian_batch"]
+__all__ = ["ESTIMATORS", "EmpiricalFisher", "ExactGaussNewton", "HessianAccumulator", "HessianEstimator",
+           "SampledFisher", "choose_estimator", "empirical_hessian"]
 
 ESTIMATORS = ("exact", "fisher", "empirical")
 
@@ -66,43 +72,106 @@ def _psd_sqrt(matrices: Tensor) -> Tensor:
     return vectors * values.clamp_min(0).sqrt().unsqueeze(-2)
 
 
-def exact_hessian_batch(
-    computer: GradientComputer, projector: Projector, trainable: dict, fixed: dict, x: Tensor, y: Tensor
-) -> Tensor:
-    """Rows whose outer products sum to ``Σ_i P J_iᵀ Λ_i J_i Pᵀ`` over the batch.
+class HessianEstimator(ABC):
+    """Turns projected rows of a batch into rows whose outer products sum to its Hessian.
 
-    The projected Jacobians ``P J_iᵀ`` come from ``projector.output_features``: flat
-    Jacobians projected for a dense projector, one backward pass per output through
-    the layers for the factored one.
+    ``needs`` says what the pipeline hands to :meth:`rows`:
+
+    - ``"output_jacobians"``: ``(projected Jacobians (B, C, k), outputs (B, C), targets)``;
+    - ``"sampled_gradients"``: a list of projected loss gradients ``(B, k)``, one per
+      target set drawn by :meth:`sample_targets`;
+    - ``"features"``: the stored training features ``(B, k)``.
     """
-    projected, outputs = projector.output_features(computer, trainable, fixed, x)
-    projected = projected.to(torch.float64)
-    factor = _psd_sqrt(computer.task.output_hessian(outputs.detach(), y.to(outputs.device)))
-    factor = factor.to(projected.device)
-    # (Λ^{1/2})ᵀ (P Jᵀ)ᵀ: one weighted vector per output direction and example.
-    return torch.einsum("bcj,bck->bjk", factor, projected).reshape(-1, projected.shape[-1])
+
+    name: ClassVar[str]
+    needs: ClassVar[str]
+
+    def describe(self) -> dict:
+        return {"hessian": self.name}
+
+    def batch_limit(self, num_outputs: int, num_params: int, batch_size: int) -> int:
+        """Examples per batch: ``batch_size`` unless the estimator's rows need a cap."""
+        return batch_size
+
+    @abstractmethod
+    def rows(self, *inputs) -> Tensor:
+        """Weighted float64 rows ``(R, k)`` for one batch."""
 
 
-def fisher_hessian_batch(
-    computer: GradientComputer,
-    projector: Projector,
-    trainable: dict,
-    fixed: dict,
-    x: Tensor,
-    samples: int,
-    generator: torch.Generator,
-) -> Tensor:
-    """Projected pseudo-gradients with labels sampled from the model, scaled by 1/√samples."""
-    device = next(iter(trainable.values())).device
-    with torch.no_grad():
-        outputs = computer.forward(trainable, fixed, x.to(device) if not x.is_floating_point()
-                                   else x.to(device, next(iter(trainable.values())).dtype))
-    rows = []
-    for _ in range(samples):
-        sampled = computer.task.sample_targets(outputs, generator)
-        features = projector.features(computer, trainable, fixed, x, sampled, "loss")
-        rows.append(features.to(torch.float64) / np.sqrt(samples))
-    return torch.cat(rows)
+class ExactGaussNewton(HessianEstimator):
+    """``Σ_i (P J_iᵀ) Λ_i (P J_iᵀ)ᵀ`` through a square root of Λ: no sampling noise."""
+
+    name = "exact"
+    needs = "output_jacobians"
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def batch_limit(self, num_outputs: int, num_params: int, batch_size: int) -> int:
+        # C flat Jacobian rows per example when they are formed: cap them at ~256 MiB.
+        return max(1, min(batch_size, (256 << 20) // max(1, num_outputs * num_params * 8)))
+
+    def rows(self, projected: Tensor, outputs: Tensor, targets: Tensor) -> Tensor:
+        projected = projected.to(torch.float64)
+        factor = _psd_sqrt(self.task.output_hessian(outputs.detach(), targets.to(outputs.device)))
+        factor = factor.to(projected.device)
+        # (Λ^{1/2})ᵀ (P Jᵀ)ᵀ: one weighted vector per output direction and example.
+        return torch.einsum("bcj,bck->bjk", factor, projected).reshape(-1, projected.shape[-1])
+
+
+class SampledFisher(HessianEstimator):
+    """Projected pseudo-gradients at labels drawn from the model, scaled by 1/√samples."""
+
+    name = "fisher"
+    needs = "sampled_gradients"
+
+    def __init__(self, task: Task, samples: int = 1) -> None:
+        self.task = task
+        self.samples = samples
+
+    def describe(self) -> dict:
+        return {"hessian": self.name, "fisher_samples": self.samples}
+
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator) -> list[Tensor]:
+        """``samples`` target sets drawn from the model's predictive distribution."""
+        return [self.task.sample_targets(outputs, generator) for _ in range(self.samples)]
+
+    def rows(self, features: list[Tensor]) -> Tensor:
+        return torch.cat([f.to(torch.float64) / np.sqrt(self.samples) for f in features])
+
+
+class EmpiricalFisher(HessianEstimator):
+    """The stored true-label features themselves."""
+
+    name = "empirical"
+    needs = "features"
+
+    def rows(self, features: Tensor) -> Tensor:
+        return features.to(torch.float64)
+
+
+def choose_estimator(name: str, task: Task, num_outputs: int, fisher_samples: int = 1) -> HessianEstimator:
+    """The estimator called ``name``; ``"auto"``: exact for at most 20 outputs, else fisher.
+
+    A task without ``output_hessian`` cannot use exact, one without ``sample_targets``
+    cannot use fisher; ``"auto"`` then takes what the task has (empirical at worst).
+    """
+    if name not in ("auto",) + ESTIMATORS:
+        raise ConfigurationError(f"hessian={name!r}; choose 'auto' or one of {ESTIMATORS}")
+    if name == "auto":
+        has_exact = type(task).output_hessian is not Task.output_hessian
+        has_fisher = type(task).sample_targets is not Task.sample_targets
+        if has_exact and num_outputs <= 20:
+            name = "exact"
+        elif has_fisher:
+            name = "fisher"
+        else:
+            name = "exact" if has_exact else "empirical"
+    if name == "exact":
+        return ExactGaussNewton(task)
+    if name == "fisher":
+        return SampledFisher(task, fisher_samples)
+    return EmpiricalFisher()
 
 
 def empirical_hessian(feature_blocks: Iterable[np.ndarray], proj_dim: int) -> np.ndarray:

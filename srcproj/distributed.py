@@ -21,6 +21,7 @@ srcproj's). No rank is left waiting at a barrier for a rank that has given up.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from .errors import ConfigurationError, SrcprojError
 
 __all__ = [
     "Collective",
+    "DeferredErrors",
     "RankFailedError",
     "all_reduce",
     "barrier",
@@ -169,6 +171,40 @@ class Collective:
         cls = _error_class(name)
         what = "" if cls is not RankFailedError else f" with {name}"
         raise cls(f"rank {rank} failed{what}: {message}")
+
+
+class DeferredErrors:
+    """Run a job's steps so that an error never leaves another rank waiting.
+
+    :meth:`attempt` runs a step unless an error is already pending. In one process
+    the error propagates at once; in a distributed job it is kept until the next point
+    where the ranks meet (:meth:`agree`), where every rank raises it (see
+    :meth:`Collective.agree`).
+    """
+
+    def __init__(self, collective: Collective) -> None:
+        self.collective = collective
+        self.error: Exception | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.error is not None
+
+    def attempt(self, step: Callable[..., Any], *args: Any) -> Any:
+        """``step(*args)``, or None when an error is pending or ``step`` fails (distributed)."""
+        if self.error is not None:
+            return None
+        if not self.collective.active:
+            return step(*args)
+        try:
+            return step(*args)
+        except Exception as exc:  # noqa: BLE001 - raised on every rank by agree()
+            self.error = exc
+            return None
+
+    def agree(self, failed: float | None = None) -> None:
+        """Meet the other ranks; raise on every rank if any of them has an error pending."""
+        self.collective.agree(self.error, failed)
 
 
 def _error_class(name: str) -> type[Exception]:

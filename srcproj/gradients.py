@@ -1,10 +1,16 @@
-"""Per-example gradients with torch.func, for one checkpoint at a time.
+"""Per-example gradients, for one checkpoint at a time, and how they reach a projector.
 
 This module knows about models, checkpoints and tasks and nothing about storage: it
-turns ``(state, x, y)`` into flat per-example gradient rows ``(B, p)``, and, for the
-factored projection, captures the inputs and output gradients of Linear and Conv2d
-layers in one batched forward and backward pass (:class:`LayerCapture`), whose
+turns ``(state, x, y)`` into per-example gradient rows ``(B, p)`` with torch.func
+(:class:`GradientComputer`), and captures the inputs and output gradients of Linear and
+Conv2d layers in one batched forward and backward pass (:class:`LayerCapture`), whose
 products ``Σ_t δ_t a_tᵀ`` are the layers' per-example weight gradients.
+
+:class:`ProjectedGradients` is the one adapter the rest of srcproj asks for features:
+it picks a gradient backend (:class:`VmapBackend`, :class:`DenseHookBackend`,
+:class:`FactoredBackend`) from the capabilities its projector declares, and the backend
+hands the projector gradient rows, column pieces of them (:class:`GradientPieces`) or a
+layer's factors. Projectors (srcproj.projection) only map.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +32,18 @@ from .errors import CheckpointMismatchError, ConfigurationError, DataError
 from .tasks import Task
 from .trajectory import Checkpoint
 
-__all__ = ["GradientComputer", "FactoredLayer", "LayerCapture", "factored_layers", "layer_bias_grads",
-           "layer_inputs", "layer_weight_grads", "not_factored_reasons", "project_layer_inputs", "verify_factored"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .projection import Projector
+
+__all__ = ["GradientComputer", "ProjectedGradients", "GradientBackend", "VmapBackend", "DenseHookBackend",
+           "FactoredBackend", "GradientPieces", "FactoredLayer", "FactoredSplit", "LayerCapture",
+           "checked_factored_layers", "factored_layers", "factored_split", "layer_bias_grads", "layer_inputs",
+           "layer_weight_grads", "not_factored_reasons", "project_layer_inputs", "verify_factored"]
 
 KINDS = ("loss", "measurement")
 
 
-def _tensor_digest(digest: "hashlib._Hash", name: str, tensor: Tensor) -> None:
+def _tensor_digest(digest: hashlib._Hash, name: str, tensor: Tensor) -> None:
     flat = tensor.detach().reshape(-1)
     # A strided sample keeps fingerprinting cheap for large checkpoints.
     if flat.numel() > 4096:
@@ -186,7 +199,7 @@ def layer_weight_grads(layer: FactoredLayer, module: nn.Module, inputs: Sequence
     if out is None:
         out = torch.empty(size, dtype=deltas[0].dtype, device=deltas[0].device)
     total = out.view(-1)[:size].view(batch, layer.d_out, layer.d_in)
-    for call, (x, delta) in enumerate(zip(inputs, deltas)):
+    for call, (x, delta) in enumerate(zip(inputs, deltas, strict=True)):
         a = layer_inputs(layer, module, x)  # (B, T, d_in)
         if call and a.shape[1] == 1:
             total.addcmul_(delta[:, 0, :, None], a[:, 0, None, :])
@@ -265,7 +278,7 @@ class LayerCapture:
         else:  # the objective does not depend on any hooked layer
             grads = [None] * len(flat)
         out, position = [], 0
-        for layer, outs in zip(self.layers, self._outputs):
+        for layer, outs in zip(self.layers, self._outputs, strict=True):
             deltas = []
             for tracked in outs:
                 g = grads[position]
@@ -301,7 +314,7 @@ def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: M
         with torch.enable_grad():
             out = functional_call(model, {**params, **leaves}, (x[b:b + 1],))
             grads = torch.autograd.grad((out.reshape(-1) * weights).sum(), list(leaves.values()), allow_unused=True)
-        for n, g in zip(names, grads):
+        for n, g in zip(names, grads, strict=True):
             reference[n].append(torch.zeros_like(leaves[n]) if g is None else g)
 
     def differs(have: Tensor, want: Tensor) -> bool:
@@ -312,7 +325,7 @@ def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: M
     for index, layer in enumerate(layers):
         want = torch.stack(reference[layer.weight]).reshape(x.shape[0], layer.d_out, layer.d_in)
         have = torch.zeros_like(want)
-        for a, d in zip(capture.inputs[index], deltas[index]):
+        for a, d in zip(capture.inputs[index], deltas[index], strict=True):
             have = have + torch.einsum("btk,btj->bkj", d, a)
         wrong = differs(have, want)
         if layer.bias is not None and not wrong:  # a bias read outside the module (rare) fails too
@@ -347,6 +360,95 @@ def checked_factored_layers(model: nn.Module, param_names: Sequence[str], params
     return kept, [n for n in param_names if n not in claimed], demoted
 
 
+@dataclass(frozen=True)
+class FactoredSplit:
+    """A model's attributed parameters split for a factored projection (:func:`factored_split`)."""
+
+    param_names: list[str]  # the attributed parameters, in the order of the gradient rows
+    sizes: dict[str, int]  # entries of each attributed parameter
+    layers: list[FactoredLayer]  # the factored layers, in the model's order
+    others: list[str]  # the other attributed parameters, in param_names order
+    reasons: dict[str, str]  # for each of the others: why it is not in a factored layer
+
+
+def factored_split(model: nn.Module, param_names: Sequence[str] | None = None,
+                   params: Mapping[str, Tensor] | None = None, example: Tensor | None = None) -> FactoredSplit:
+    """:func:`checked_factored_layers` of ``param_names`` (default: every parameter with
+    ``requires_grad``), with the sizes of the parameters and why the others are not factored.
+
+    Raises :class:`ConfigurationError` when ``model`` is not a module or a name is not
+    one of its parameters.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigurationError(f"bind() needs a torch.nn.Module, got {type(model).__name__}")
+    named = dict(model.named_parameters())
+    names = [n for n, p in named.items() if p.requires_grad] if param_names is None else list(param_names)
+    unknown = [n for n in names if n not in named]
+    if unknown:
+        raise ConfigurationError(f"parameters {unknown[:5]} are not in the model")
+    layers, others, demoted = checked_factored_layers(model, names, params, example)
+    reasons = not_factored_reasons(model, names) if others else {}
+    reasons.update({n: "used outside its module" for n in others if n.rpartition(".")[0] in demoted})
+    return FactoredSplit(names, {n: int(named[n].numel()) for n in names}, layers, others,
+                         {n: reasons.get(n, "") for n in others})
+
+
+class GradientPieces(Sequence[Tensor]):
+    """Per-example gradient rows ``(B, p)`` as consecutive column pieces ``(B, p_i)``,
+    each formed only when it is asked for.
+
+    The sizes, the batch, the dtype and the device are known up front; ``pieces[i]``
+    calls ``make(i)``. A consumer that asks for the pieces in increasing order and
+    drops each before asking for the next (``RademacherProjector.project_pieces``) holds
+    one at a time, so a backend can form them in one reused buffer: piece ``i`` is only
+    valid until piece ``i + 1`` is asked for.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Columns of each piece.
+    make : callable
+        ``make(i)`` returns piece ``i``, shape ``(batch, sizes[i])``.
+    batch : int
+        Rows.
+    dtype, device
+        Those of every piece.
+    """
+
+    def __init__(self, sizes: Sequence[int], make: Callable[[int], Tensor], batch: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.sizes = [int(size) for size in sizes]
+        self.batch, self.dtype, self.device = int(batch), dtype, device
+        self._make = make
+
+    @classmethod
+    def of(cls, tensors: Sequence[Tensor]) -> GradientPieces:
+        """Pieces that already exist (at least one)."""
+        tensors = list(tensors)
+        if not tensors:
+            raise ConfigurationError("no gradient pieces to project")
+        first = tensors[0]
+        return cls([t.shape[1] for t in tensors], tensors.__getitem__, first.shape[0], first.dtype, first.device)
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.sizes)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, index: int) -> Tensor:  # type: ignore[override]
+        if not -len(self.sizes) <= index < len(self.sizes):
+            raise IndexError(f"piece {index} of {len(self.sizes)}")
+        return self._make(index % len(self.sizes))
+
+    def cat(self) -> Tensor:
+        """The rows ``(B, p)`` (one piece is returned as it is, without a copy)."""
+        if len(self.sizes) == 1:
+            return self[0]
+        return torch.cat([self[i] for i in range(len(self.sizes))], dim=1)
+
+
 class GradientComputer:
     """Per-example gradients of a task's loss and measurement for a model.
 
@@ -362,7 +464,8 @@ class GradientComputer:
         attributed; by default every parameter with ``requires_grad``.
     """
 
-    def __init__(self, model: nn.Module, task: Task, modules: Sequence[str] | None = None) -> None:
+    def __init__(self, model: nn.Module, task: Task, modules: Sequence[str] | None = None, *,
+                 param_names: Sequence[str] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(task, Task):
@@ -370,7 +473,13 @@ class GradientComputer:
         self.model = model
         self.task = task
         named = dict(model.named_parameters())
-        if modules is None:
+        if param_names is not None:  # the attributed parameters by name (a reopened store lists them)
+            names = list(param_names)
+            unknown = [n for n in names if n not in named]
+            if unknown:
+                raise ConfigurationError(f"parameters {unknown[:5]} are not in the model; pass the architecture "
+                                         "the store was featurized with")
+        elif modules is None:
             names = [n for n, p in named.items() if p.requires_grad]
         else:
             known = dict(model.named_modules())
@@ -598,3 +707,313 @@ class GradientComputer:
         with torch.no_grad():
             outputs = self.forward(outer_trainable, outer_fixed, x)
         return self._flatten(jac, 2, names), outputs.reshape(outputs.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------- gradient backends
+class GradientBackend(ABC):
+    """How the per-example gradients of one model and task reach a projector.
+
+    :class:`ProjectedGradients` picks a backend from what its projector declares
+    (``factored``, ``accepts_pieces``) and asks it for :meth:`features` and
+    :meth:`output_features`; a projector only maps, it never computes a gradient.
+
+    ``fallback``: the backend to keep to from now on when this one raises
+    :class:`DataError` on a batch and the fallback does not (``None``: the error stands).
+
+    Every gradient row a backend forms reaches the projector through :meth:`_project`.
+    The interface leaves room for backends and steps not written yet:
+
+    * contracting once: a backend that contracts the projection with a layer's input
+      activation once per batch and applies the result to several backpropagated
+      vectors (the loss's and the C outputs' directions) in one pass. Like
+      :class:`FactoredBackend` it would capture the inputs itself, and
+      :meth:`features` and :meth:`output_features` are methods of one object so that
+      it can share those captures between them;
+    * preconditioning: an elementwise preconditioner of the gradient rows belongs in
+      :meth:`_project`, applied piece by piece before the projector sees them (each
+      piece's columns are known from :attr:`GradientPieces.sizes`);
+    * sparse rows: a piece of :class:`GradientPieces` may become a sparse tensor (the
+      embedding rows a batch touches), for a projector that declares it takes them.
+
+    Parameters
+    ----------
+    computer : GradientComputer
+        The model, the task and the attributed parameters.
+    projector : Projector
+        The map to k dimensions.
+    """
+
+    fallback: GradientBackend | None = None
+
+    def __init__(self, computer: GradientComputer, projector: Projector) -> None:
+        self.computer = computer
+        self.projector = projector
+
+    @abstractmethod
+    def features(self, trainable: dict, fixed: dict, x: Tensor, y: Tensor, kind: str = "loss") -> Tensor:
+        """Projected per-example gradients of ``kind`` ("loss" or "measurement"), ``(B, k)``."""
+
+    @abstractmethod
+    def output_features(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Projected per-example Jacobians of the C outputs ``(B, C, k)`` and the outputs ``(B, C)``."""
+
+    def _project(self, pieces: GradientPieces) -> Tensor:
+        """Gradient rows to features: the pieces as they are for a projector that
+        accepts pieces (formed one at a time), else the concatenated rows."""
+        if self.projector.accepts_pieces:
+            return self.projector.project_pieces(pieces)
+        return self.projector.project(pieces.cat())
+
+
+class VmapBackend(GradientBackend):
+    """Per-example gradients and Jacobians of every attributed parameter from ``torch.func.vmap``.
+
+    Works for any projector of gradient rows, in any mode. A projector that accepts
+    pieces gets one piece per parameter (never concatenated), any other the flat rows.
+    """
+
+    def features(self, trainable: dict, fixed: dict, x: Tensor, y: Tensor, kind: str = "loss") -> Tensor:
+        computer = self.computer
+        if self.projector.accepts_pieces:
+            pieces = computer.per_example_grads(trainable, fixed, x, y, kind, pieces=True)
+        else:
+            pieces = [computer.per_example_grads(trainable, fixed, x, y, kind)]
+        return self._project(GradientPieces.of(pieces))
+
+    def output_features(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:
+        jacobians, outputs = self.computer.output_jacobians(trainable, fixed, x)
+        batch, num_outputs, num_params = jacobians.shape
+        projected = self._project(GradientPieces.of([jacobians.reshape(batch * num_outputs, num_params)]))
+        return projected.reshape(batch, num_outputs, -1), outputs
+
+
+class DenseHookBackend(GradientBackend):
+    """Per-example gradients of Linear and Conv2d layers from one batched forward and
+    backward pass with hooks (``Σ_t δ_t a_tᵀ``), for a projector that accepts pieces.
+
+    The other attributed parameters (LayerNorm, embeddings, layers that failed the
+    check of :func:`checked_factored_layers`) still go through vmap. A layer's weight
+    gradients are formed only when the projector asks for that piece, one layer at a
+    time, in one buffer kept for later batches (batch size × the largest layer's
+    parameters): the same gradients as :class:`VmapBackend`'s, so the same features.
+
+    In training mode (the examples of a batch are then not independent) and for the
+    Jacobians of :meth:`output_features`, the vmap backend does the work. A task whose
+    objective is not one value per example of a batch (it sums or averages) cannot use
+    one batched backward pass: its :class:`DataError` makes :class:`ProjectedGradients`
+    keep to the vmap backend (``fallback``) from then on, if that succeeds.
+
+    Parameters
+    ----------
+    computer, projector
+        As for :class:`GradientBackend`.
+    layers : sequence of FactoredLayer
+        The layers whose gradients come from the hooks.
+    others : sequence of str
+        The other attributed parameters (vmapped).
+    """
+
+    def __init__(self, computer: GradientComputer, projector: Projector, layers: Sequence[FactoredLayer],
+                 others: Sequence[str]) -> None:
+        super().__init__(computer, projector)
+        self.layers, self.others = list(layers), list(others)
+        self.fallback = VmapBackend(computer, projector)
+        self._buffers: dict[tuple, Tensor] = {}  # reused buffer of the largest layer's weight gradients
+
+    @classmethod
+    def bound(cls, computer: GradientComputer, projector: Projector, params: Mapping[str, Tensor] | None,
+              example: Tensor | None) -> GradientBackend:
+        """This backend for the layers that pass the check on ``example`` (with the full
+        state ``params``, model in eval mode); the vmap backend without ``example``, when
+        the check cannot run on it, or when no layer can be hooked."""
+        if example is None:
+            return VmapBackend(computer, projector)
+        try:
+            layers, others, _ = checked_factored_layers(computer.model, computer.param_names, params, example)
+        except (DataError, RuntimeError, ValueError, TypeError, KeyError):
+            return VmapBackend(computer, projector)  # the hooks are only a speed-up
+        if not layers:
+            return VmapBackend(computer, projector)
+        return cls(computer, projector, layers, others)
+
+    def features(self, trainable: dict, fixed: dict, x: Tensor, y: Tensor, kind: str = "loss") -> Tensor:
+        computer = self.computer
+        if computer.model.training:
+            return self.fallback.features(trainable, fixed, x, y, kind)
+        layers, names = self.layers, computer.param_names
+        x, y = computer.prepare(trainable, x, y)
+        batch = x.shape[0]
+        # The inputs are copied as the modules receive them (unfolded only when used).
+        capture, deltas = computer.layer_deltas(trainable, fixed, x, y, kind, layers,
+                                                lambda index, module, a: a.clone())
+        reference = next(iter(trainable.values()))
+        sources: dict[str, tuple[int, str]] = {}
+        for index, layer in enumerate(layers):
+            sources[layer.weight] = (index, "weight")
+            if layer.bias is not None:
+                sources[layer.bias] = (index, "bias")
+        dense = {}
+        if self.others:
+            grads = computer.per_example_grads(trainable, fixed, x, y, kind, names=self.others, pieces=True)
+            dense = dict(zip(self.others, grads, strict=True))
+        sizes = [int(trainable[n].numel()) for n in names]
+        # One buffer, reused for every layer and batch: only one layer's gradients exist at a time.
+        largest = batch * max(layer.d_out * layer.d_in for layer in layers)
+        key = (reference.dtype, reference.device)
+        scratch = self._buffers.get(key)
+        if scratch is None or scratch.numel() < largest:
+            self._buffers.pop(key, None)
+            scratch = torch.empty(largest, dtype=reference.dtype, device=reference.device)
+            self._buffers[key] = scratch
+
+        def piece(i: int) -> Tensor:
+            name = names[i]
+            if name in dense:
+                return dense.pop(name)  # the projection holds it while it needs it
+            index, what = sources[name]
+            if not deltas[index]:  # the module was not called: a zero gradient
+                return torch.zeros(batch, sizes[i], dtype=reference.dtype, device=reference.device)
+            if what == "bias":
+                return layer_bias_grads(deltas[index])
+            return layer_weight_grads(layers[index], capture.modules[index], capture.inputs[index], deltas[index],
+                                      scratch)
+
+        return self._project(GradientPieces(sizes, piece, batch, reference.dtype, reference.device))
+
+    def output_features(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.fallback.output_features(trainable, fixed, x)
+
+
+class FactoredBackend(GradientBackend):
+    """Layer factors for a factored projector: every layer's inputs and output gradients
+    from one batched forward and backward pass with hooks (:class:`LayerCapture`).
+
+    The projector lays itself out over the layers found here (:meth:`bind`), projects
+    each input as the forward pass meets it (``project_inputs``) and turns the projected
+    inputs and output gradients into a layer's features (``layer_features``); the
+    p-sized gradient never exists. Its other parameters (``dense_params``) go through
+    vmap and ``project_dense``; their features come after the layers'. Jacobians
+    (:meth:`output_features`): one backward pass per output through the same captures.
+    """
+
+    def bind(self, params: Mapping[str, Tensor] | None, example: Tensor | None) -> None:
+        """Lay the projector out over the layers that pass the check on ``example``."""
+        computer = self.computer
+        self.projector.lay_out(factored_split(computer.model, computer.param_names, params, example))
+
+    def features(self, trainable: dict, fixed: dict, x: Tensor, y: Tensor, kind: str = "loss") -> Tensor:
+        computer, projector = self.computer, self.projector
+        layers = projector.require_bound(computer.param_names)
+        x, y = computer.prepare(trainable, x, y)
+        reference = next(iter(trainable.values()))
+        dtype, device, batch = reference.dtype, reference.device, x.shape[0]
+        capture, deltas = computer.layer_deltas(trainable, fixed, x, y, kind, layers, projector.project_inputs)
+        parts = [projector.layer_features(i, capture.inputs[i], deltas[i], batch=batch, dtype=dtype, device=device)
+                 for i in range(len(layers))]
+        if projector.dense_params:
+            grads = computer.per_example_grads(trainable, fixed, x, y, kind, names=projector.dense_params)
+            parts.append(projector.project_dense(grads))
+        return torch.cat(parts, dim=1)
+
+    def output_features(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:
+        computer, projector = self.computer, self.projector
+        layers = projector.require_bound(computer.param_names)
+        x, _ = computer.prepare(trainable, x, torch.zeros(0))
+        reference = next(iter(trainable.values()))
+        dtype, device, batch = reference.dtype, reference.device, x.shape[0]
+        capture = LayerCapture(computer.model, layers, projector.project_inputs)
+        with torch.enable_grad():  # the caller may be under no_grad: keep the graph
+            outputs = capture.forward({**trainable, **fixed}, x).reshape(batch, -1)
+        num_outputs = outputs.shape[1]
+        rows = []
+        for c in range(num_outputs):  # one backward per output: the Jacobian's rows
+            with torch.enable_grad():
+                objective = outputs[:, c].sum()
+            deltas = capture.backward(objective, retain_graph=c < num_outputs - 1)
+            rows.append(torch.cat([projector.layer_features(i, capture.inputs[i], deltas[i], batch=batch,
+                                                            dtype=dtype, device=device)
+                                   for i in range(len(layers))], dim=1))
+        projected = torch.stack(rows, dim=1)
+        if projector.dense_params:
+            jacobians, _ = computer.output_jacobians(trainable, fixed, x, names=projector.dense_params)
+            dense = projector.project_dense(jacobians.reshape(batch * num_outputs, -1))
+            projected = torch.cat([projected, dense.reshape(batch, num_outputs, -1)], dim=2)
+        return projected, outputs.detach()
+
+
+class ProjectedGradients:
+    """Projected per-example gradients of one model and task with one projector.
+
+    The one place the rest of srcproj asks for features: the featurize pipeline, the
+    curvature estimators' inputs and the query side all call :meth:`features` and
+    :meth:`output_features`, whichever way the gradients are obtained. That way is a
+    :class:`GradientBackend` (:attr:`backend`), chosen by :meth:`bind` from what the
+    projector declares:
+
+    * ``factored`` (:class:`~srcproj.KroneckerProjector`): :class:`FactoredBackend`,
+      which lays the projector out over the model's layers;
+    * ``accepts_pieces`` (:class:`~srcproj.RademacherProjector`):
+      :class:`DenseHookBackend` when some Linear or Conv2d layer passes the check on
+      the example inputs, else :class:`VmapBackend`;
+    * anything else (:class:`~srcproj.MatrixProjector`, :class:`~srcproj.FastJLProjector`,
+      a subclass that defines its own ``project()``): :class:`VmapBackend`.
+
+    Before :meth:`bind`, a factored projector uses the layout it already has (from
+    ``projector.bind(model)``) and any other projector the vmap backend.
+
+    Parameters
+    ----------
+    computer : GradientComputer
+        The model, the task and the attributed parameters.
+    projector : Projector
+        The seeded map to k dimensions.
+    """
+
+    def __init__(self, computer: GradientComputer, projector: Projector) -> None:
+        self.computer = computer
+        self.projector = projector
+        self.backend: GradientBackend = (FactoredBackend(computer, projector) if projector.factored
+                                         else VmapBackend(computer, projector))
+
+    @property
+    def proj_dim(self) -> int:
+        return int(self.projector.proj_dim)
+
+    def bind(self, params: Mapping[str, Tensor], example: Tensor) -> None:
+        """Choose the backend and lay out the model's layers for the projector, checked on
+        ``example`` (a few inputs on the computation device) with the full state ``params``
+        (the model is put in eval mode meanwhile).
+
+        Raises :class:`ConfigurationError` for a factored projector that cannot be laid
+        out over the model (see :meth:`~srcproj.KroneckerProjector.lay_out`).
+        """
+        computer, projector = self.computer, self.projector
+        with computer.evaluating():
+            if projector.factored:
+                backend = FactoredBackend(computer, projector)
+                backend.bind(params, example)
+            elif projector.accepts_pieces:
+                backend = DenseHookBackend.bound(computer, projector, params, example)
+            else:
+                backend = VmapBackend(computer, projector)
+        self.backend = backend
+
+    def features(self, trainable: dict, fixed: dict, x: Tensor, y: Tensor, kind: str = "loss") -> Tensor:
+        """Projected per-example gradients of ``kind`` ("loss" or "measurement"), ``(B, k)``."""
+        backend = self.backend
+        try:
+            return backend.features(trainable, fixed, x, y, kind)
+        except DataError:
+            if backend.fallback is None:
+                raise
+        # The backend cannot take this batch (the hooks need one objective value per
+        # example; vmap calls the task one example at a time). If the fallback can, keep
+        # to it instead of failing every batch; if not, its own error stands and the
+        # backend stays for the next call.
+        features = backend.fallback.features(trainable, fixed, x, y, kind)
+        self.backend = backend.fallback
+        return features
+
+    def output_features(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Projected per-example Jacobians of the C outputs ``(B, C, k)`` and the outputs ``(B, C)``."""
+        return self.backend.output_features(trainable, fixed, x)

@@ -1,14 +1,31 @@
 """Random projections from parameter space (p) to the small space (k).
 
-A projector maps gradient rows ``(B, p)`` to ``(B, k)``. One projector (one seed)
-serves every checkpoint, segment, training example and query of a store: otherwise the
-small spaces do not line up. Each projector describes itself; the store records that
-description and refuses features from any other projector.
+A projector only maps. It takes per-example gradient rows ``(B, p)`` to features
+``(B, k)`` (:meth:`Projector.project`), takes the same rows given as consecutive column
+pieces (:meth:`Projector.project_pieces`) and describes itself
+(:meth:`Projector.describe`). How the gradients are obtained (``torch.func.vmap``,
+hooks on Linear and Conv2d layers, factored layer captures) is the business of
+:class:`~srcproj.gradients.ProjectedGradients`, which picks a gradient backend from
+what the projector declares:
 
-Projectors that need the model's structure (the factored :class:`KroneckerProjector`)
-are bound to it once (:meth:`Projector.bind`) and compute features from the model
-directly (:meth:`Projector.features`, :meth:`Projector.output_features`) instead of
-from flat per-example gradients.
+``accepts_pieces``
+    :meth:`~Projector.project_pieces` reads the pieces one at a time, in column order,
+    never concatenating them, so a backend may form each piece only when it is asked
+    for (one layer's gradients at a time, in one reused buffer). Without it, backends
+    give :meth:`~Projector.project` whole rows. The attribute is declared per class: a
+    class whose body defines ``project()`` without also stating ``accepts_pieces`` gets
+    ``accepts_pieces = False``, so a subclass that wraps or changes ``project()`` sees
+    every gradient row and is never bypassed by the piece path. A subclass whose
+    ``project()`` is still the same map as its ``project_pieces()`` may state
+    ``accepts_pieces = True`` itself.
+``factored``
+    The projector maps a layer's factors (its inputs and output gradients) instead of
+    gradient rows (:class:`KroneckerProjector`); it is laid out over the model's layers
+    first (:meth:`KroneckerProjector.lay_out`).
+
+One projector (one seed) serves every checkpoint, segment, training example and query
+of a store: otherwise the small spaces do not line up. The store records
+:meth:`~Projector.describe` and refuses features from any other projector.
 """
 
 from __future__ import annotations
@@ -17,78 +34,60 @@ import hashlib
 import math
 import warnings
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigurationError, DataError
-from .gradients import (
-    FactoredLayer,
-    LayerCapture,
-    checked_factored_layers,
-    layer_bias_grads,
-    layer_weight_grads,
-    not_factored_reasons,
-    project_layer_inputs,
-)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .gradients import GradientComputer
+from .errors import ConfigurationError
+from .gradients import FactoredLayer, FactoredSplit, GradientPieces, factored_split, project_layer_inputs
+from .validation import check_choice, check_int
 
 __all__ = ["Projector", "RademacherProjector", "KroneckerProjector", "MatrixProjector", "FastJLProjector"]
 
 
 class Projector(ABC):
-    """Maps gradient rows ``(B, p)`` to features ``(B, k)`` with ``E[P^T P] = I``."""
+    """Maps gradient rows ``(B, p)`` to features ``(B, k)`` with ``E[P^T P] = I``.
+
+    Subclasses implement :meth:`project` and :meth:`describe` and declare their
+    capabilities (``accepts_pieces``, ``factored``; see the module docstring).
+    """
 
     proj_dim: int
+    accepts_pieces: bool = False  # project_pieces() reads lazily formed pieces one at a time
+    factored: bool = False  # maps layer factors, laid out over the model's layers
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A new project() may not be the map the inherited piece path computes: it keeps
+        # the capability only by saying so in the same class body.
+        if "project" in cls.__dict__ and "accepts_pieces" not in cls.__dict__:
+            cls.accepts_pieces = False
 
     @abstractmethod
     def project(self, grads: Tensor) -> Tensor:
         """Project rows of ``grads`` (shape ``(B, p)``) to shape ``(B, proj_dim)``."""
 
+    def project_pieces(self, pieces: Sequence[Tensor]) -> Tensor:
+        """Project rows given as consecutive column pieces ``(B, p_i)``: their concatenation
+        is the gradient. The default concatenates them and calls :meth:`project`."""
+        if not isinstance(pieces, GradientPieces):
+            pieces = GradientPieces.of(pieces)
+        return self.project(pieces.cat())
+
     @abstractmethod
     def describe(self) -> dict:
         """A JSON-able description; two projectors with equal descriptions are equal."""
 
-    def bind(self, model: nn.Module, param_names: Sequence[str] | None = None, *,
-             params: Mapping[str, Tensor] | None = None, example: Tensor | None = None) -> None:
-        """Called once by :class:`~srcproj.Attributor` before :meth:`describe`.
-
-        ``param_names`` are the attributed parameters in the order of the gradient rows,
-        ``params`` a checkpoint's full state and ``example`` a few inputs, both on the
-        computation device (model in eval mode). A projector of flat rows ignores it.
-        """
-
-    def features(self, computer: "GradientComputer", trainable: dict, fixed: dict, x: Tensor, y: Tensor,
-                 kind: str = "loss") -> Tensor:
-        """Projected per-example gradients of ``kind`` ("loss" or "measurement"), ``(B, k)``.
-
-        The default computes flat per-example gradients and calls :meth:`project`.
-        """
-        return self.project(computer.per_example_grads(trainable, fixed, x, y, kind))
-
-    def output_features(self, computer: "GradientComputer", trainable: dict, fixed: dict,
-                        x: Tensor) -> tuple[Tensor, Tensor]:
-        """Projected per-example Jacobians of the C outputs ``(B, C, k)``, and the outputs ``(B, C)``."""
-        jacobians, outputs = computer.output_jacobians(trainable, fixed, x)
-        batch, num_outputs, num_params = jacobians.shape
-        projected = self.project(jacobians.reshape(batch * num_outputs, num_params))
-        return projected.reshape(batch, num_outputs, -1), outputs
-
 
 def _check_dim(proj_dim: int) -> int:
-    if isinstance(proj_dim, bool) or not isinstance(proj_dim, (int, np.integer)) or proj_dim < 1:
-        raise ConfigurationError(f"proj_dim={proj_dim!r}; the projection size k must be an integer >= 1")
-    return int(proj_dim)
+    return check_int(proj_dim, "proj_dim", minimum=1, hint=" (the projection size k: an integer >= 1)")
 
 
 def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigurationError(f"seed={seed!r}; the seed must be an integer >= 0")
-    return int(seed)
+    return check_int(seed, "seed", minimum=0)
 
 
 # ---------------------------------------------------------------------------- sign generation
@@ -150,13 +149,12 @@ class RademacherProjector(Projector):
     remaining tiles are regenerated for every batch into one reused buffer (several GB/s
     on two CPU cores, against about 0.4 GB/s for version 1's generator).
 
-    Once bound to a model (:class:`~srcproj.Attributor` does it, or :meth:`bind` with a
-    checkpoint and a few example inputs), :meth:`features` computes the per-example
-    gradients of Linear and Conv2d layers from one batched forward and backward pass with
-    hooks (``Σ_t δ_t a_tᵀ``, as the factored projection does) instead of
-    ``torch.func.vmap``, materializing one layer's gradients at a time, in one buffer kept
-    for later batches (batch size × the largest layer's parameters); the other parameters
-    still go through vmap. The matrix, and so the features, are the same.
+    Declares ``accepts_pieces``: :meth:`project_pieces` reads the gradient pieces one
+    at a time, in column order, against the matching rows of the matrix, so
+    :class:`~srcproj.gradients.ProjectedGradients` may form one layer's per-example
+    gradients at a time (from hooks, in one reused buffer) instead of whole rows. A
+    subclass that defines ``project()`` loses the capability unless it states
+    ``accepts_pieces = True`` itself (then its ``project()`` must stay this map).
 
     Parameters
     ----------
@@ -171,19 +169,18 @@ class RademacherProjector(Projector):
     TILE = 512  # parameters per generated tile; fixed so the matrix never depends on it
     VERSION = 2  # 1: one numpy SeedSequence per tile and unpackbits (stores of 0.1.0)
     BLOCK_BYTES = 64 << 20  # large blocks keep the matmuls efficient (inner dimension ~8k at k=2048)
+    accepts_pieces = True  # stated in this body because it defines project()
 
     def __init__(self, proj_dim: int, seed: int = 0, cache_bytes: int = 1 << 30) -> None:
         self.proj_dim = _check_dim(proj_dim)
         self.seed = _check_seed(seed)
-        self.cache_bytes = int(cache_bytes)
+        self.cache_bytes = check_int(cache_bytes, "cache_bytes", minimum=0)
         self._cache: dict[tuple, Tensor] = {}
         self._cached_bytes = 0
         self._key = _stream_key(self.seed, self.proj_dim, 0x52414430)
         self._tables: dict[tuple, Tensor] = {}
         self._scratch: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._warned_regeneration = False
-        self._hooked: tuple | None = None  # (model, param names, factored layers, other params) once bound
-        self._pieces: dict[tuple, Tensor] = {}  # reused buffer of the hook path's largest weight gradients
 
     def describe(self) -> dict:
         return {"kind": "rademacher", "version": self.VERSION, "proj_dim": self.proj_dim, "seed": self.seed,
@@ -251,15 +248,15 @@ class RademacherProjector(Projector):
 
     def project_pieces(self, pieces: Sequence[Tensor]) -> Tensor:
         """Project rows given as consecutive column pieces ``(B, p_i)`` (their concatenation
-        is the gradient), without concatenating them."""
-        first = pieces[0]
-        return self._project_lazy([piece.shape[1] for piece in pieces], pieces.__getitem__,
-                                  first.shape[0], first.dtype, first.device)
+        is the gradient), without concatenating them.
 
-    def _project_lazy(self, sizes: Sequence[int], piece, batch: int, dtype: torch.dtype,
-                      device: torch.device) -> Tensor:
-        """:meth:`project_pieces` with piece ``i`` (``(batch, sizes[i])``) given by ``piece(i)``,
-        asked for in increasing order, and only the latest one kept."""
+        ``pieces`` may be a :class:`~srcproj.gradients.GradientPieces` whose pieces are
+        formed on demand: they are asked for in increasing order, and only the latest
+        one is kept.
+        """
+        if not isinstance(pieces, GradientPieces):
+            pieces = GradientPieces.of(pieces)
+        sizes, batch, dtype, device = pieces.sizes, pieces.batch, pieces.dtype, pieces.device
         num_params = int(sum(sizes))
         out = torch.zeros(batch, self.proj_dim, dtype=dtype, device=device)
         bounds = np.cumsum([0] + [int(size) for size in sizes])
@@ -279,95 +276,9 @@ class RademacherProjector(Projector):
                 if b > a:
                     if index != current:
                         values = None  # free the previous piece before forming this one
-                        current, values = index, piece(index)
+                        current, values = index, pieces[index]
                     out.addmm_(values[:, a - p_lo:b - p_lo], block[a - lo:b - lo])
         return out
-
-    def bind(self, model: nn.Module, param_names: Sequence[str] | None = None, *,
-             params: Mapping[str, Tensor] | None = None, example: Tensor | None = None) -> None:
-        """Find the Linear and Conv2d layers whose per-example gradients :meth:`features` can
-        take from hooks (checked on ``example`` with ``params``, model in eval mode).
-
-        Only a speed-up: the matrix and :meth:`describe` do not depend on it. Without
-        ``example``, or when the check fails or finds no such layer, :meth:`features`
-        uses ``torch.func.vmap`` for every parameter, as an unbound projector does.
-        """
-        self._hooked = None
-        if example is None or not isinstance(model, nn.Module):
-            return
-        named = dict(model.named_parameters())
-        names = [n for n, p in named.items() if p.requires_grad] if param_names is None else list(param_names)
-        if not names or any(n not in named for n in names):
-            return
-        try:
-            layers, others, _ = checked_factored_layers(model, names, params, example)
-        except (DataError, RuntimeError, ValueError, TypeError, KeyError):
-            return  # the check could not run on this example: keep the vmap path
-        if layers:
-            self._hooked = (model, names, layers, others)
-
-    def _hook_features(self, computer: GradientComputer, trainable: dict, fixed: dict, x: Tensor, y: Tensor,
-                       kind: str) -> Tensor:
-        _, names, layers, others = self._hooked
-        x, y = computer.prepare(trainable, x, y)
-        batch = x.shape[0]
-        # The inputs are copied as the modules receive them (unfolded only when used).
-        capture, deltas = computer.layer_deltas(trainable, fixed, x, y, kind, layers,
-                                                lambda index, module, a: a.clone())
-        reference = next(iter(trainable.values()))
-        sources: dict[str, tuple[int, str]] = {}
-        for index, layer in enumerate(layers):
-            sources[layer.weight] = (index, "weight")
-            if layer.bias is not None:
-                sources[layer.bias] = (index, "bias")
-        dense = {}
-        if others:
-            grads = computer.per_example_grads(trainable, fixed, x, y, kind, names=others, pieces=True)
-            dense = dict(zip(others, grads))
-        sizes = [int(trainable[n].numel()) for n in names]
-        # One buffer, reused for every layer and batch: only one layer's gradients exist at a time.
-        largest = batch * max(layer.d_out * layer.d_in for layer in layers)
-        key = (reference.dtype, reference.device)
-        scratch = self._pieces.get(key)
-        if scratch is None or scratch.numel() < largest:
-            self._pieces.pop(key, None)
-            scratch = torch.empty(largest, dtype=reference.dtype, device=reference.device)
-            self._pieces[key] = scratch
-
-        def piece(i: int) -> Tensor:
-            name = names[i]
-            if name in dense:
-                return dense.pop(name)  # the projection holds it while it needs it
-            index, what = sources[name]
-            if not deltas[index]:  # the module was not called: a zero gradient
-                return torch.zeros(batch, sizes[i], dtype=reference.dtype, device=reference.device)
-            if what == "bias":
-                return layer_bias_grads(deltas[index])
-            return layer_weight_grads(layers[index], capture.modules[index], capture.inputs[index], deltas[index],
-                                      scratch)
-
-        return self._project_lazy(sizes, piece, batch, reference.dtype, reference.device)
-
-    def features(self, computer: "GradientComputer", trainable: dict, fixed: dict, x: Tensor, y: Tensor,
-                 kind: str = "loss") -> Tensor:
-        if type(self).project is not RademacherProjector.project:  # a subclass changed project()
-            return super().features(computer, trainable, fixed, x, y, kind)
-        hooked = self._hooked
-        if (hooked is not None and computer.model is hooked[0] and list(computer.param_names) == hooked[1]
-                and not computer.model.training):
-            try:
-                return self._hook_features(computer, trainable, fixed, x, y, kind)
-            except DataError:
-                # The hook path needs one objective value per example of a batch; vmap
-                # calls the task one example at a time, so a task that reduces its
-                # outputs (a mean, say) still works there. If it does, this projector
-                # keeps to vmap from now on instead of failing the hooks every batch; if
-                # not, vmap raises its own error and the hooks stay for the next call.
-                features = self.project_pieces(computer.per_example_grads(trainable, fixed, x, y, kind,
-                                                                          pieces=True))
-                self._hooked = None
-                return features
-        return self.project_pieces(computer.per_example_grads(trainable, fixed, x, y, kind, pieces=True))
 
 
 def _water_fill(total: int, caps: list[int]) -> list[int]:
@@ -416,8 +327,8 @@ class KroneckerProjector(Projector):
     Rademacher matrices ``P_in`` (k_in × d_in, entries ±1/√k_in) and ``P_out``
     (k_out × d_out, ±1/√k_out), ``(P_out ⊗ P_in) vec(δaᵀ) = vec(P_out δ (P_in a)ᵀ)``, so a
     layer's features are ``Σ_t (P_out δ_t)(P_in a_t)ᵀ``, flattened row-major: the
-    inputs and output gradients are projected separately, from one batched forward and
-    backward pass with hooks, and the p-sized gradient never exists. ``E[PᵀP] = I``
+    inputs and output gradients are projected separately (:meth:`project_inputs`,
+    :meth:`layer_features`) and the p-sized gradient never exists. ``E[PᵀP] = I``
     holds (every column of ``P_out ⊗ P_in`` has norm 1). An attributed bias is the
     weight of an extra input column of ones: ``P_in`` has ``d_in + 1`` columns.
 
@@ -432,15 +343,16 @@ class KroneckerProjector(Projector):
     Parameters outside a factored layer (LayerNorm, embeddings, Conv2d with groups, a
     layer whose weight is also used outside its forward, ...) are, with
     ``other_params="dense"`` (the default), projected together by a
-    :class:`RademacherProjector` of their own share of k, from per-example gradients of
-    those parameters only (an extra vmapped pass). ``other_params="refuse"`` raises
+    :class:`RademacherProjector` of their own share of k (:meth:`project_dense`), from
+    per-example gradients of those parameters only. ``other_params="refuse"`` raises
     :class:`ConfigurationError` instead, naming them.
 
-    The projector is bound to a model and its attributed parameters by
-    :class:`~srcproj.Attributor` (or :meth:`bind`); one projector serves one model.
-    Training and query features (:meth:`features`) and the exact estimator's projected
-    Jacobians (:meth:`output_features`, one backward pass per output) go through the
-    hooks; :meth:`project` takes flat gradient rows too, with the same matrix.
+    Declares ``factored``: :class:`~srcproj.gradients.ProjectedGradients` lays the
+    projector out over the layers it finds (:meth:`lay_out`; :meth:`bind` does the same
+    from a model), captures every layer's inputs and output gradients in one batched
+    forward and backward pass and hands them to :meth:`project_inputs` and
+    :meth:`layer_features`; one projector serves one model. :meth:`project` takes flat
+    gradient rows too, with the same matrix.
 
     Parameters
     ----------
@@ -455,15 +367,14 @@ class KroneckerProjector(Projector):
     """
 
     VERSION = 1
+    factored = True
 
     def __init__(self, proj_dim: int, seed: int = 0, *, other_params: str = "dense",
                  cache_bytes: int = 1 << 30) -> None:
         self.proj_dim = _check_dim(proj_dim)
         self.seed = _check_seed(seed)
-        if other_params not in ("dense", "refuse"):
-            raise ConfigurationError(f"other_params={other_params!r}; choose 'dense' or 'refuse'")
-        self.other_params = other_params
-        self.cache_bytes = int(cache_bytes)
+        self.other_params = check_choice(other_params, "other_params", ("dense", "refuse"))
+        self.cache_bytes = check_int(cache_bytes, "cache_bytes", minimum=0)
         self.layers: list[FactoredLayer] | None = None
         self.dense_params: list[str] = []
         self.param_names: list[str] | None = None
@@ -472,35 +383,34 @@ class KroneckerProjector(Projector):
         self._matrices: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
 
-    # ------------------------------------------------------------------ binding
+    # ------------------------------------------------------------------ laying out
     def bind(self, model: nn.Module, param_names: Sequence[str] | None = None, *,
              params: Mapping[str, Tensor] | None = None, example: Tensor | None = None) -> None:
         """Lay out the features of ``model``'s attributed parameters (default: every one
-        with ``requires_grad``).
+        with ``requires_grad``), as :class:`~srcproj.gradients.ProjectedGradients` does.
 
         With ``params`` (a full state dict) and ``example`` (a few inputs, model in
         eval mode), each layer is first checked on the example: a layer whose gradient
-        is not the product of its inputs and output gradients joins the other parameters.
-        Binding again to a different layout raises :class:`ConfigurationError`.
+        is not the product of its inputs and output gradients joins the other parameters
+        (:func:`~srcproj.gradients.factored_split`). Then :meth:`lay_out`.
         """
-        if not isinstance(model, nn.Module):
-            raise ConfigurationError(f"bind() needs a torch.nn.Module, got {type(model).__name__}")
-        named = dict(model.named_parameters())
-        names = [n for n, p in named.items() if p.requires_grad] if param_names is None else list(param_names)
-        unknown = [n for n in names if n not in named]
-        if unknown:
-            raise ConfigurationError(f"parameters {unknown[:5]} are not in the model")
-        layers, others, demoted = checked_factored_layers(model, names, params, example)
+        self.lay_out(factored_split(model, param_names, params, example))
+
+    def lay_out(self, split: FactoredSplit) -> None:
+        """Divide k among the factored layers and the other parameters of ``split``.
+
+        Raises :class:`ConfigurationError` when there is no factored layer, when
+        ``other_params="refuse"`` and there are other parameters, when k is smaller than
+        the number of groups, or when the projector is already laid out differently.
+        """
+        layers, others, names = list(split.layers), list(split.others), list(split.param_names)
         if not layers:
             raise ConfigurationError(
                 "KroneckerProjector found no Linear or Conv2d layer among the attributed parameters "
                 f"({len(names)} tensors); use RademacherProjector (the default) for this model"
             )
         if others and self.other_params == "refuse":
-            reasons = not_factored_reasons(model, names)
-            listed = "; ".join(
-                f"{n} ({'used outside its module' if n.rpartition('.')[0] in demoted else reasons.get(n, '')})"
-                for n in others[:6])
+            listed = "; ".join(f"{n} ({split.reasons.get(n, '')})" for n in others[:6])
             raise ConfigurationError(
                 f"KroneckerProjector(other_params='refuse'): {len(others)} attributed parameters are not in "
                 f"a factored Linear/Conv2d layer: {listed}{' ...' if len(others) > 6 else ''}; "
@@ -514,10 +424,10 @@ class KroneckerProjector(Projector):
             )
         caps = [layer.d_out * layer.d_in_total for layer in layers]
         if others:
-            caps.append(sum(int(named[n].numel()) for n in others))
+            caps.append(sum(split.sizes[n] for n in others))
         shares = _water_fill(self.proj_dim, caps)
         layout = []
-        for layer, dims in zip(layers, shares):
+        for layer, dims in zip(layers, shares, strict=False):  # shares ends with the others' share
             k_out, k_in = _kron_shape(dims)
             layout.append({"module": layer.module, "type": layer.kind, "d_out": layer.d_out, "d_in": layer.d_in,
                            "bias": layer.bias is not None, "k_out": k_out, "k_in": k_in, "dims": dims})
@@ -532,11 +442,11 @@ class KroneckerProjector(Projector):
         offset = 0
         self._offsets = {}
         for n in names:
-            size = int(named[n].numel())
-            self._offsets[n] = (offset, offset + size)
-            offset += size
+            self._offsets[n] = (offset, offset + split.sizes[n])
+            offset += split.sizes[n]
 
-    def _require_bound(self, param_names: Sequence[str] | None = None) -> list[FactoredLayer]:
+    def require_bound(self, param_names: Sequence[str] | None = None) -> list[FactoredLayer]:
+        """The factored layers, once laid out (for ``param_names``, in that order, if given)."""
         if self.layers is None:
             raise ConfigurationError(
                 "KroneckerProjector is not bound to a model: pass it to Attributor(..., projector=...) "
@@ -564,11 +474,11 @@ class KroneckerProjector(Projector):
     def layer_matrices(self, index: int, dtype: torch.dtype = torch.float64,
                        device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """``(P_out (k_out × d_out), P_in (k_in × d_in [+1 bias column]))`` of layer ``index``."""
-        layers = self._require_bound()
+        layers = self.require_bound()
         key = (dtype, torch.device(device))
         if key not in self._matrices:
             mats = []
-            for i, (layer, entry) in enumerate(zip(layers, self._layout)):
+            for i, (layer, entry) in enumerate(zip(layers, self._layout, strict=True)):
                 p_out = _rademacher_matrix(_stream_key(self.seed, 0x4B524F4E, i, 0, entry["k_out"], layer.d_out),
                                            entry["k_out"], layer.d_out)
                 p_in = _rademacher_matrix(_stream_key(self.seed, 0x4B524F4E, i, 1, entry["k_in"], layer.d_in_total),
@@ -587,63 +497,41 @@ class KroneckerProjector(Projector):
         scale = self._scale(index)
         return flat * scale if scale != 1.0 else flat
 
-    def _project_inputs(self, index: int, module: nn.Module, x: Tensor) -> Tensor:
-        """``P_in a_t`` ``(B, T, k_in)`` from the layer's input (the bias column is ones)."""
+    # ------------------------------------------------------------------ projecting factors
+    def project_inputs(self, index: int, module: nn.Module, x: Tensor) -> Tensor:
+        """``P_in a_t`` ``(B, T, k_in)`` from layer ``index``'s input ``x`` as the module
+        received it (the bias column is ones)."""
         _, p_in = self.layer_matrices(index, x.dtype, x.device)
         return project_layer_inputs(self.layers[index], module, x, p_in)
 
-    def _layer_features(self, index: int, inputs: list[Tensor], deltas: list[Tensor], batch: int,
-                        dtype: torch.dtype, device: torch.device) -> Tensor:
+    def layer_features(self, index: int, projected_inputs: Sequence[Tensor], deltas: Sequence[Tensor], *,
+                       batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Layer ``index``'s ``dims`` features ``(batch, dims)``: ``Σ_t (P_out δ_t)(P_in a_t)ᵀ``
+        summed over the module's calls.
+
+        ``projected_inputs``: :meth:`project_inputs` of each call; ``deltas``: the matching
+        output gradients ``(B, T, d_out)``. No call (the module was not used): zeros.
+        """
         p_out, _ = self.layer_matrices(index, dtype, device)
         entry = self._layout[index]
         total = torch.zeros(batch, entry["k_out"], entry["k_in"], dtype=dtype, device=device)
-        for a_proj, delta in zip(inputs, deltas):  # one term per call of the module
+        for a_proj, delta in zip(projected_inputs, deltas, strict=True):  # one term per call of the module
             d_proj = delta @ p_out.T  # (B, T, k_out)
             total.baddbmm_(d_proj.transpose(1, 2), a_proj)
         return self._finish(index, total)
 
-    # ------------------------------------------------------------------ projecting
-    def features(self, computer: "GradientComputer", trainable: dict, fixed: dict, x: Tensor, y: Tensor,
-                 kind: str = "loss") -> Tensor:
-        layers = self._require_bound(computer.param_names)
-        x, y = computer.prepare(trainable, x, y)
-        reference = next(iter(trainable.values()))
-        dtype, device, batch = reference.dtype, reference.device, x.shape[0]
-        capture, deltas = computer.layer_deltas(trainable, fixed, x, y, kind, layers, self._project_inputs)
-        parts = [self._layer_features(i, capture.inputs[i], deltas[i], batch, dtype, device)
-                 for i in range(len(layers))]
-        if self._dense is not None:
-            grads = computer.per_example_grads(trainable, fixed, x, y, kind, names=self.dense_params)
-            parts.append(self._dense.project(grads))
-        return torch.cat(parts, dim=1)
+    def project_dense(self, grads: Tensor) -> Tensor:
+        """The other parameters' share: their gradient rows ``(B, p_dense)``, in
+        :attr:`dense_params` order, projected by the dense Rademacher matrix."""
+        self.require_bound()
+        if self._dense is None:
+            raise ConfigurationError("this KroneckerProjector has no other parameters to project densely")
+        return self._dense.project(grads)
 
-    def output_features(self, computer: "GradientComputer", trainable: dict, fixed: dict,
-                        x: Tensor) -> tuple[Tensor, Tensor]:
-        layers = self._require_bound(computer.param_names)
-        x, _ = computer.prepare(trainable, x, torch.zeros(0))
-        reference = next(iter(trainable.values()))
-        dtype, device, batch = reference.dtype, reference.device, x.shape[0]
-        capture = LayerCapture(computer.model, layers, self._project_inputs)
-        with torch.enable_grad():  # the caller may be under no_grad: keep the graph
-            outputs = capture.forward({**trainable, **fixed}, x).reshape(batch, -1)
-        num_outputs = outputs.shape[1]
-        rows = []
-        for c in range(num_outputs):  # one backward per output: the Jacobian's rows
-            with torch.enable_grad():
-                objective = outputs[:, c].sum()
-            deltas = capture.backward(objective, retain_graph=c < num_outputs - 1)
-            rows.append(torch.cat([self._layer_features(i, capture.inputs[i], deltas[i], batch, dtype, device)
-                                   for i in range(len(layers))], dim=1))
-        projected = torch.stack(rows, dim=1)
-        if self._dense is not None:
-            jacobians, _ = computer.output_jacobians(trainable, fixed, x, names=self.dense_params)
-            dense = self._dense.project(jacobians.reshape(batch * num_outputs, -1))
-            projected = torch.cat([projected, dense.reshape(batch, num_outputs, -1)], dim=2)
-        return projected, outputs.detach()
-
+    # ------------------------------------------------------------------ projecting rows
     def project(self, grads: Tensor) -> Tensor:
         """Flat gradient rows ``(B, p)``, in the bound parameters' order, with the same matrix."""
-        layers = self._require_bound()
+        layers = self.require_bound()
         if grads.ndim != 2:
             raise ConfigurationError(f"project() takes rows (B, p), got shape {tuple(grads.shape)}")
         expected = max(stop for _, stop in self._offsets.values())
@@ -716,14 +604,10 @@ class FastJLProjector(Projector):
         self.proj_dim = _check_dim(proj_dim)
         if self.proj_dim % 512:
             raise ConfigurationError(f"fast-jl needs proj_dim to be a multiple of 512, got {proj_dim}")
-        self.seed = _check_seed(seed)
-        if self.seed >= 2**32:
-            raise ConfigurationError(f"seed={seed}; fast-jl takes a 32-bit seed (0 <= seed < 2**32)")
-        if isinstance(num_feature_tiles, bool) or not isinstance(num_feature_tiles, (int, np.integer)) \
-                or not 1 <= num_feature_tiles <= 65535:
-            raise ConfigurationError(f"num_feature_tiles={num_feature_tiles!r}; it must be an integer in 1..65535")
-        if batch_size not in (8, 16, 32):
-            raise ConfigurationError(f"fast-jl batch_size must be 8, 16 or 32, got {batch_size}")
+        self.seed = check_int(seed, "seed", minimum=0, maximum=2**32 - 1,
+                              hint=" (fast-jl takes a 32-bit seed: 0 <= seed < 2**32)")
+        num_feature_tiles = check_int(num_feature_tiles, "num_feature_tiles", minimum=1, maximum=65535)
+        batch_size = check_choice(batch_size, "batch_size", (8, 16, 32))
         try:
             import fast_jl  # noqa: F401
         except ImportError as exc:
@@ -731,7 +615,7 @@ class FastJLProjector(Projector):
                 "FastJLProjector needs the fast-jl CUDA extension: pip install 'srcproj[cuda]' "
                 "on a machine with CUDA, or use the default RademacherProjector"
             ) from exc
-        self.num_feature_tiles = int(num_feature_tiles)
+        self.num_feature_tiles = num_feature_tiles
         self.batch_size = batch_size
 
     def describe(self) -> dict:

@@ -36,7 +36,7 @@ import torch
 import zarr
 
 from .errors import ConfigurationError, StoreError
-from .store import AttributionStore, _compressors, fsync_path
+from .store import compressors, fsync_path, local_path
 
 __all__ = [
     "DEFAULT_MEMORY_BYTES",
@@ -102,6 +102,29 @@ class Cache:
     copies: int = 1
     read_into: Callable[[int, int, np.ndarray], np.ndarray] | None = None
 
+    @classmethod
+    def of(cls, array: np.ndarray, chunk_rows: int = 1024) -> Cache:
+        """A training side held in memory."""
+        array = np.ascontiguousarray(array)
+        return cls(lambda start, stop: array[start:stop], int(array.shape[0]), int(array.shape[1]),
+                   array.dtype, max(1, min(chunk_rows, int(array.shape[0]))))
+
+    @classmethod
+    def hstack(cls, parts: list[Cache], dtype: Any = None) -> Cache:
+        """The column concatenation of several training sides over the same rows.
+
+        ``-[Ψ_1 … Ψ_n][T_1 … T_n]ᵀ = -Σ_i Ψ_i T_iᵀ``: a sum of scores is one product.
+        """
+        if len(parts) == 1 and (dtype is None or np.dtype(dtype) == parts[0].dtype):
+            return parts[0]
+        dtype = np.dtype(dtype if dtype is not None else np.result_type(*[p.dtype for p in parts]))
+
+        def read(start: int, stop: int) -> np.ndarray:
+            return np.concatenate([p.read(start, stop).astype(dtype, copy=False) for p in parts], axis=1)
+
+        return cls(read, parts[0].num_rows, sum(p.dim for p in parts), dtype, parts[0].chunk_rows,
+                   copies=2)
+
 
 @dataclass(frozen=True)
 class Queries:
@@ -114,6 +137,18 @@ class Queries:
     def of(cls, array: np.ndarray) -> Queries:
         """Queries held in memory."""
         return cls(lambda start, stop: array[start:stop], int(array.shape[0]))
+
+    @classmethod
+    def hstack(cls, parts: list[Queries]) -> Queries:
+        """The column concatenation of several query sides (see :meth:`Cache.hstack`)."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def read(start: int, stop: int) -> np.ndarray:
+            blocks = [np.asarray(p.read(start, stop)) for p in parts]
+            return np.concatenate([b.astype(np.result_type(*blocks), copy=False) for b in blocks], axis=1)
+
+        return cls(read, parts[0].count)
 
 
 def check_memory_bytes(value: Any, name: str = "score_memory_bytes") -> int:
@@ -276,7 +311,7 @@ def check_score_target(out: Any, overwrite: bool, protected: str | None = None) 
     """
     if not isinstance(overwrite, (bool, np.bool_)):
         raise ConfigurationError(f"overwrite={overwrite!r}; it must be True or False")
-    local = AttributionStore._local_path(out)
+    local = local_path(out)
     if local is None:
         if isinstance(out, (str, os.PathLike)) or hasattr(out, "with_read_only"):
             try:
@@ -393,7 +428,7 @@ def score_to_array(queries: Queries | np.ndarray, cache: Cache, out: Any, memory
         if array is None:  # created once the first query batch is known to be valid
             array = zarr.create_array(
                 out, shape=(queries.count, cache.num_rows), chunks=(query_chunk, cache.chunk_rows),
-                dtype=cache.dtype, compressors=_compressors(), fill_value=np.nan, overwrite=bool(overwrite),
+                dtype=cache.dtype, compressors=compressors(), fill_value=np.nan, overwrite=bool(overwrite),
                 zarr_format=3, attributes={"srcproj_scores": info},
                 # Every chunk is written once, whole: skip zarr's comparison with the fill value.
                 config={"write_empty_chunks": True},

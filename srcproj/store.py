@@ -1,26 +1,15 @@
-"""The on-disk store: a zarr v3 group holding everything SOURCE computes.
+"""Generic zarr v3 storage for srcproj: open or create a store, checked arrays, durable writes.
 
-Layout (``c`` a checkpoint in training order, ``l`` a segment)::
-
-    zarr.json                      metadata (written once, checked on every reopen)
-    features/ckpt_{c}              (N_l, k) training features, float16 by default
-    features/ckpt_{c}_done         (n_chunks,) which row chunks are durably written
-    hessians/ckpt_{c}              (k, k) float64 projected Gauss-Newton Hessian
-    hessians/done                  (n_checkpoints,)
-    segments/seg_{l}/eigenvalues   (k,) of the segment's mean Hessian + wd·I
-    segments/seg_{l}/eigenvectors  (k, k)
-    segments/done                  (n_segments,)
-    caches/seg_{l}                 (N_l, k) Ḡ_l W_lᵀ, float32 (float64 with float64 features)
-    caches/seg_{l}_done            (n_chunks,)
-
-A unit of work is written first and marked done after, each marker in its own zarr
-chunk, so an interrupted job leaves either a finished unit or one that is redone. On a
-local file system the chunk file is fsync'ed before its marker is set.
+What the arrays are called and what they hold is :mod:`srcproj.layout`'s business;
+this module knows only how to open a group made for given metadata (refusing one made
+for other inputs), create or find an array, read rows with an error that names a
+damaged chunk, and write so that a finished write survives a crash.
 
 The location may be a directory or any zarr store URL (``memory://``, ``s3://``...,
 opened by zarr through fsspec). Several processes may write one store at once (a
 distributed featurize): each row chunk and each marker is written by exactly one
 process, and rank 0 alone creates the group and the arrays before the others open them.
+On a local file system a chunk file is fsync'ed before its marker is set.
 """
 
 from __future__ import annotations
@@ -35,14 +24,16 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import StoreError, StoreMismatchError
 
-__all__ = ["AttributionStore", "metadata_differences"]
+__all__ = ["AttributionStore", "compressors", "fsync_path", "local_path", "metadata_differences"]
 
-FORMAT_VERSION = 1
+# 2: stage inputs (weight decay, segment times) recorded apart from the store's identity.
+FORMAT_VERSION = 2
 _UNCHECKED = {"library_version", "created"}
 
 
-def _compressors() -> list:
-    # Checksums after compression: a flipped byte on disk fails loudly on read.
+def compressors() -> list:
+    """The codecs of every compressed srcproj array: zstd, then a checksum, so that a
+    flipped byte on disk fails loudly on read."""
     return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec()]
 
 
@@ -97,6 +88,17 @@ def fsync_path(path: str) -> None:
             os.close(fd)
 
 
+def local_path(location: Any) -> str | None:
+    """The absolute directory of a local location (a path or ``file://`` URL), else None."""
+    if isinstance(location, (str, os.PathLike)):
+        text = os.fspath(location)
+        if "://" not in text:
+            return os.path.abspath(text)
+        if text.startswith("file://"):
+            return os.path.abspath(text[len("file://"):])
+    return None
+
+
 class AttributionStore:
     """A srcproj store opened for reading and writing.
 
@@ -110,16 +112,16 @@ class AttributionStore:
         self._local_root = local_root
         self.metadata: dict = dict(group.attrs["srcproj"])
 
-    # ------------------------------------------------------------------ opening
+    @property
+    def local_root(self) -> str | None:
+        """The store's directory when it is on the local file system, else None."""
+        return self._local_root
+
     @staticmethod
-    def _local_path(location: Any) -> str | None:
-        if isinstance(location, (str, os.PathLike)):
-            text = os.fspath(location)
-            if "://" not in text:
-                return os.path.abspath(text)
-            if text.startswith("file://"):
-                return os.path.abspath(text[len("file://"):])
-        return None
+    def compressors() -> list:
+        return compressors()
+
+    # ------------------------------------------------------------------ opening
 
     @classmethod
     def open(cls, location: Any, metadata: dict, create: bool = True) -> "AttributionStore":
@@ -130,7 +132,7 @@ class AttributionStore:
         object. With ``create=False`` the store must exist already (the other ranks
         of a distributed job open the store that rank 0 created).
         """
-        local = cls._local_path(location)
+        local = local_path(location)
         if local is not None and os.path.isfile(local):
             raise StoreError(f"store path {local!r} is a file; give a directory path (e.g. 'run.zarr')")
         if local is not None and os.path.isdir(local) and os.listdir(local) and not os.path.exists(
@@ -165,9 +167,49 @@ class AttributionStore:
         return cls(group, str(location), local)
 
     @classmethod
+    def open_shared(cls, location: Any, metadata: dict, collective: Any) -> AttributionStore:
+        """:meth:`open` by every rank of a job: rank 0 creates or checks the store first.
+
+        Every rank must describe the same inputs; that is checked before anything
+        touches the store. ``collective`` is a :class:`~srcproj.distributed.Collective`.
+        """
+        from .errors import ConfigurationError
+
+        if not collective.active:
+            return cls.open(location, metadata)
+        everyone = collective.all_gather_object(metadata)
+        for rank, theirs in enumerate(everyone):
+            shown = metadata_differences(everyone[0], theirs, ("on rank 0", f"on rank {rank}"))
+            if shown:
+                raise ConfigurationError(
+                    f"rank {rank} was given other inputs than rank 0 ({shown}); every rank must build the "
+                    "Attributor from the same model, checkpoints, data and arguments"
+                )
+        opened, error = None, None
+        if collective.rank == 0:
+            try:
+                opened = cls.open(location, metadata)
+            except Exception as exc:  # noqa: BLE001 - agreed on below, so that no rank waits for rank 0
+                error = exc
+        collective.agree(error)
+        if collective.rank != 0:
+            try:
+                opened = cls.open(location, metadata, create=False)
+            except StoreError as exc:
+                error = StoreError(
+                    f"{exc}; rank {collective.rank} cannot open the store that rank 0 opened: every rank must "
+                    "reach the same storage (a shared file system or an object store URL; a memory:// store "
+                    "exists in one process only)"
+                )
+            except Exception as exc:  # noqa: BLE001 - raised on every rank by agree
+                error = exc
+        collective.agree(error)
+        return opened
+
+    @classmethod
     def read(cls, location: Any) -> "AttributionStore":
         """Open an existing store without checking it against a model."""
-        local = cls._local_path(location)
+        local = local_path(location)
         if local is not None and os.path.isfile(local):
             raise StoreError(f"{local!r} is a file; give a store directory")
         if local is not None and not os.path.isdir(local):
@@ -197,7 +239,7 @@ class AttributionStore:
             shape=shape,
             chunks=chunks or shape,
             dtype=dtype,
-            compressors=_compressors() if compressed else None,
+            compressors=compressors() if compressed else None,
             fill_value=0,
         )
 

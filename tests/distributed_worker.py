@@ -19,9 +19,10 @@ the workers, and a test that kills a job must kill them by these ids.
 features of ``after_chunks`` row chunks, then, at the start of the next one, writes
 ``{name}_hung_rank{r}`` and waits to be killed (for at most 300 s, then it exits
 with code 4). The other rank goes on until it waits for it in a collective. Chunks
-are counted by the projector's ``features()`` calls: one per chunk when
+are counted by the calls of ``ProjectedGradients.features()`` for the loss with the
+hanging projector (patched in this worker only): one per chunk when
 ``batch_size >= chunk_size`` and the Hessian is "exact" (the "fisher" estimator
-calls ``features()`` too, so do not combine it with ``hang``).
+calls ``features()`` for the loss too, so do not combine it with ``hang``).
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 \\
         tests/distributed_worker.py PLAN.json OUT_DIR
@@ -42,6 +43,7 @@ from conftest import build_tiny_run  # tests/ is the script's directory
 
 from srcproj import RademacherProjector, SrcprojError
 from srcproj.distributed import init_from_torchrun
+from srcproj.gradients import ProjectedGradients
 
 HANG_SECONDS = 300
 
@@ -59,18 +61,33 @@ def wait_to_be_killed(marker: str) -> None:
 
 
 class HangingProjector(RademacherProjector):
-    """The default projector (same ``describe()``, same features) that stops at chunk ``after_chunks + 1``."""
+    """The default projector (same ``describe()``, same features) that stops at chunk ``after_chunks + 1``.
+
+    A projector only maps: the chunks are counted where features are asked for,
+    :meth:`ProjectedGradients.features` (see :func:`count_chunks`).
+    """
 
     def __init__(self, proj_dim: int, seed: int, after_chunks: int, marker: str) -> None:
         super().__init__(proj_dim, seed)
         self.chunks_left, self.marker = after_chunks, marker
 
-    def features(self, computer, trainable, fixed, x, y, kind="loss"):
-        if kind == "loss":
-            if self.chunks_left == 0:
-                wait_to_be_killed(self.marker)
-            self.chunks_left -= 1
-        return super().features(computer, trainable, fixed, x, y, kind)
+    def chunk_started(self) -> None:
+        if self.chunks_left == 0:
+            wait_to_be_killed(self.marker)
+        self.chunks_left -= 1
+
+
+def count_chunks() -> None:
+    """Make ``ProjectedGradients.features`` tell a :class:`HangingProjector` about each
+    batch of loss features (in this worker process only)."""
+    original = ProjectedGradients.features
+
+    def features(self, trainable, fixed, x, y, kind="loss"):
+        if kind == "loss" and isinstance(self.projector, HangingProjector):
+            self.projector.chunk_started()
+        return original(self, trainable, fixed, x, y, kind)
+
+    ProjectedGradients.features = features
 
 
 def main() -> int:
@@ -83,6 +100,7 @@ def main() -> int:
     rank, world_size = init_from_torchrun("gloo")
     assert world_size > 1 and dist.is_initialized(), "start this script with torchrun"
     run = build_tiny_run()
+    count_chunks()
     results = {}
     for step in plan:
         seed = step.get("seed", 0) + (rank if step.get("seed_plus_rank") else 0)

@@ -1,4 +1,4 @@
-"""Baselines against their formulas (source-math.md §5), computed by brute force.
+"""Baselines against their formulas (docs/math.md §5), computed by brute force.
 
 With an orthogonal k = p projection the projected space preserves inner products and
 matrix functions, so each baseline must equal its full-parameter-space formula built
@@ -139,7 +139,7 @@ def test_source_variant_retimes_without_recomputing(setup):
     attr, task = s["attr"], ClassificationTask()
     same = SourceVariant(attr)
     np.testing.assert_allclose(same.score(s["query"]), attr.score(s["query"]), rtol=1e-6, atol=1e-12)
-    # Half the steps in the segments on data A (source-math.md §8's same-epochs protocol).
+    # Half the steps in the segments on data A (docs/math.md §8's same-epochs protocol).
     traj = s["traj"]
     halved = Trajectory([
         Segment(traj.segments[0].checkpoints, 20, 0.05, traj.segments[0].data),

@@ -20,6 +20,7 @@ import torch
 import zarr
 
 from srcproj import ConfigurationError
+from srcproj import layout as names
 from srcproj.cli import main
 from srcproj.demo import format_bytes, load_digits_split, make_mlp, run_demo, train_sgd
 
@@ -163,8 +164,8 @@ def test_info_reads_completion_from_done_flags(demo_store, tmp_path, capsys):
     store = tmp_path / "partial.zarr"
     shutil.copytree(demo_store[0], store)
     # As if the job stopped before the last checkpoint's second chunk and the caches.
-    zarr.open_array(store / "features" / "ckpt_3_done", mode="r+")[1] = False
-    zarr.open_array(store / "caches" / "seg_1_done", mode="r+")[:] = False
+    zarr.open_array(store / names.features_done(3), mode="r+")[1] = False
+    zarr.open_array(store / names.cache_done(1), mode="r+")[:] = False
     shutil.rmtree(store / "hessians" / "ckpt_3")
     zarr.open_array(store / "hessians" / "done", mode="r+")[3] = False
     assert main(["info", "--json", str(store)]) == 0

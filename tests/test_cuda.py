@@ -10,7 +10,9 @@
   float16 after the exact power-of-two row scaling, and tiny gradients do not vanish.
 * An attributor with fast-jl on the GPU gives the scores of an attributor on the CPU
   with ``MatrixProjector(that matrix)``: an independent check of the whole pipeline.
-* The Rademacher and Kronecker projections on the GPU give the CPU's scores.
+* The Rademacher and Kronecker projections on the GPU give the CPU's scores, and their
+  gradient backends (hooks for the dense projection, layer factors for the factored
+  one) the CPU's features and projected Jacobians.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import torch
 from conftest import assert_scores_close, build_tiny_run
 
 from srcproj import (
+    ClassificationTask,
     FastJLProjector,
     KroneckerProjector,
     MatrixProjector,
     RademacherProjector,
     StoreMismatchError,
 )
+from srcproj.gradients import DenseHookBackend, FactoredBackend, GradientComputer, ProjectedGradients
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_fast_jl = pytest.mark.skipif(importlib.util.find_spec("fast_jl") is None,
@@ -148,6 +152,28 @@ def test_gpu_scores_equal_cpu_scores(run, tmp_path, kind, hessian):
         np.testing.assert_allclose(gpu.checkpoint_hessian(c), cpu.checkpoint_hessian(c), rtol=1e-4,
                                    atol=1e-6 * float(np.abs(cpu.checkpoint_hessian(c)).max()))
     assert_scores_close(gpu.score(run.queries), cpu.score(run.queries), rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["dense", "kronecker"])
+def test_gradient_backends_on_the_gpu_equal_the_cpu(run, kind):
+    backend = DenseHookBackend if kind == "dense" else FactoredBackend
+
+    def features(device: str) -> list[torch.Tensor]:
+        computer = GradientComputer(run.model, ClassificationTask())
+        trainable, fixed = computer.split(run.checkpoints[-1], torch.device(device))
+        projector = RademacherProjector(64, seed=5) if kind == "dense" else KroneckerProjector(64, seed=5)
+        gradients = ProjectedGradients(computer, projector)
+        x, y = run.X[:40].to(device), run.y[:40].to(device)
+        gradients.bind({**trainable, **fixed}, x[:2])
+        assert type(gradients.backend) is backend
+        with computer.evaluating():
+            jacobians, outputs = gradients.output_features(trainable, fixed, x)
+            return [gradients.features(trainable, fixed, x, y, "loss"),
+                    gradients.features(trainable, fixed, x, y, "measurement"), jacobians, outputs]
+
+    for got, want in zip(features("cuda"), features("cpu"), strict=True):
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
 def test_dense_projection_past_its_cache_on_a_gpu_warns_once():

@@ -1,7 +1,7 @@
-"""The dense (Rademacher) projection's hook path: per-example gradients of Linear and
+"""The dense (Rademacher) projection's hook backend: per-example gradients of Linear and
 Conv2d layers from one batched forward and backward pass give the same features as
 torch.func.vmap, with the other parameters (LayerNorm, embeddings, reused weights)
-still vmapped, in the attributed parameters' order."""
+still vmapped, in the attributed parameters' order; which backend a projector gets."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from srcproj import (
     Segment,
     Trajectory,
 )
-from srcproj.gradients import GradientComputer
+from srcproj.gradients import DenseHookBackend, GradientComputer, ProjectedGradients, VmapBackend
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -79,45 +79,82 @@ def build(name: str, batch: int = 5):
 
 
 class VmapRademacher(RademacherProjector):
-    """The same matrix through the generic path (flat vmapped gradients, then project)."""
+    """The same matrix through the generic path (flat vmapped gradients, then project):
+    a class that defines project() does not accept pieces unless it says so."""
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         return super().project(grads)
 
 
-def bound(name: str, proj_dim: int = 37, seed: int = 3):
+def bound(name: str, proj_dim: int = 37, seed: int = 3, projector=None):
     model, x, y = build(name)
     computer = GradientComputer(model, ClassificationTask())
     trainable, fixed = computer.split(model.state_dict(), torch.device("cpu"))
-    projector = RademacherProjector(proj_dim, seed=seed)
+    projector = RademacherProjector(proj_dim, seed=seed) if projector is None else projector
+    gradients = ProjectedGradients(computer, projector)
     with computer.evaluating():
-        projector.bind(model, computer.param_names, params={**trainable, **fixed}, example=x[:2])
-    return projector, computer, trainable, fixed, x, y
+        gradients.bind({**trainable, **fixed}, x[:2])
+    return gradients, computer, trainable, fixed, x, y
+
+
+def test_backends_follow_the_declared_capabilities():
+    assert RademacherProjector.accepts_pieces and not RademacherProjector.factored
+    assert not VmapRademacher.accepts_pieces  # defines project(): loses the piece path
+
+    class Declared(VmapRademacher):
+        accepts_pieces = True  # states that its project() is still the piece path's map
+
+    class Described(RademacherProjector):  # project() inherited: keeps the capability
+        def describe(self):
+            return super().describe()
+
+    assert Declared.accepts_pieces and Described.accepts_pieces
+    assert not MatrixProjector.accepts_pieces and not MatrixProjector.factored
+    for projector, backend in [(RademacherProjector(37, seed=3), DenseHookBackend),
+                               (Described(37, seed=3), DenseHookBackend),
+                               (Declared(37, seed=3), DenseHookBackend),
+                               (VmapRademacher(37, seed=3), VmapBackend),
+                               (MatrixProjector(torch.randn(4, 70, dtype=torch.float64)), VmapBackend)]:
+        gradients = bound("mlp", projector=projector)[0]
+        assert type(gradients.backend) is backend, type(projector).__name__
+    model, x, _ = build("mlp")
+    unbound = ProjectedGradients(GradientComputer(model, ClassificationTask()), RademacherProjector(37, seed=3))
+    assert type(unbound.backend) is VmapBackend  # hooks only once bound
+    # Nothing to hook (only a LayerNorm is attributed): the vmap backend.
+    computer = GradientComputer(nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6)).double(), ClassificationTask(),
+                                modules=["1"])
+    trainable, fixed = computer.split(computer.model.state_dict(), torch.device("cpu"))
+    gradients = ProjectedGradients(computer, RademacherProjector(8))
+    gradients.bind({**trainable, **fixed}, x[:2])
+    assert type(gradients.backend) is VmapBackend
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("kind", ["loss", "measurement"])
 def test_hook_features_equal_the_vmap_features(name, kind):
-    projector, computer, trainable, fixed, x, y = bound(name)
-    assert projector._hooked is not None  # the hook path is used
+    gradients, computer, trainable, fixed, x, y = bound(name)
+    projector = gradients.projector
+    assert isinstance(gradients.backend, DenseHookBackend)  # the hook backend is used
+    generic = bound(name, projector=VmapRademacher(37, seed=3))[0]
+    assert isinstance(generic.backend, VmapBackend)
     with computer.evaluating():
-        have = projector.features(computer, trainable, fixed, x, y, kind)
+        have = gradients.features(trainable, fixed, x, y, kind)
         want = projector.project(computer.per_example_grads(trainable, fixed, x, y, kind))
-        generic = VmapRademacher(37, seed=3).features(computer, trainable, fixed, x, y, kind)
+        generic = generic.features(trainable, fixed, x, y, kind)
     torch.testing.assert_close(have, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(generic, want, rtol=1e-10, atol=1e-12)
     assert bool((have != 0).any(dim=1).all())
 
 
 def test_layers_used_outside_their_forward_are_vmapped():
-    projector, computer, *_ = bound("reused_weight")
-    _, names, layers, others = projector._hooked
-    assert names == computer.param_names
-    assert [layer.module for layer in layers] == ["head"]
-    assert others == ["fc.weight", "fc.bias"]
-    projector, *_ = bound("tokens")
-    assert [layer.module for layer in projector._hooked[2]] == ["mix", "head"]
-    assert projector._hooked[3] == ["embed.weight", "norm.weight", "norm.bias"]
+    gradients, computer, *_ = bound("reused_weight")
+    backend = gradients.backend
+    assert backend.computer is computer
+    assert [layer.module for layer in backend.layers] == ["head"]
+    assert backend.others == ["fc.weight", "fc.bias"]
+    backend = bound("tokens")[0].backend
+    assert [layer.module for layer in backend.layers] == ["mix", "head"]
+    assert backend.others == ["embed.weight", "norm.weight", "norm.bias"]
 
 
 def test_hook_path_under_no_grad_with_a_module_subset_and_a_large_batch():
@@ -131,17 +168,19 @@ def test_hook_path_under_no_grad_with_a_module_subset_and_a_large_batch():
         computer = GradientComputer(model, ClassificationTask(), modules=modules)
         trainable, fixed = computer.split(model.state_dict(), torch.device("cpu"))
         projector = RademacherProjector(50, seed=1)
+        gradients = ProjectedGradients(computer, projector)
         with torch.no_grad(), computer.evaluating():
-            projector.bind(model, computer.param_names, params={**trainable, **fixed}, example=x[:2])
-            assert projector._hooked is not None
+            gradients.bind({**trainable, **fixed}, x[:2])
+            assert isinstance(gradients.backend, DenseHookBackend)
             for kind in ("loss", "measurement"):
-                have = projector.features(computer, trainable, fixed, x, y, kind)
+                have = gradients.features(trainable, fixed, x, y, kind)
                 want = projector.project(computer.per_example_grads(trainable, fixed, x, y, kind))
                 torch.testing.assert_close(have, want, rtol=1e-10, atol=1e-12)
 
 
 def test_unbound_training_mode_and_other_models_take_the_vmap_path(monkeypatch):
-    projector, computer, trainable, fixed, x, y = bound("mlp")
+    gradients, computer, trainable, fixed, x, y = bound("mlp")
+    projector = gradients.projector
     calls = []
     original = GradientComputer.layer_deltas
 
@@ -151,20 +190,23 @@ def test_unbound_training_mode_and_other_models_take_the_vmap_path(monkeypatch):
 
     monkeypatch.setattr(GradientComputer, "layer_deltas", counting)
     with computer.evaluating():
-        want = projector.features(computer, trainable, fixed, x, y)
+        want = gradients.features(trainable, fixed, x, y)
     assert len(calls) == 1
     computer.model.train()
-    torch.testing.assert_close(projector.features(computer, trainable, fixed, x, y), want, rtol=1e-10, atol=1e-12)
-    other = GradientComputer(build("mlp")[0], ClassificationTask())  # another model object
+    torch.testing.assert_close(gradients.features(trainable, fixed, x, y), want, rtol=1e-10, atol=1e-12)
+    assert isinstance(gradients.backend, DenseHookBackend)  # kept for eval mode
+    other = GradientComputer(build("mlp")[0], ClassificationTask())  # another model object, same projector
     with other.evaluating():
-        torch.testing.assert_close(projector.features(other, trainable, fixed, x, y), want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ProjectedGradients(other, projector).features(trainable, fixed, x, y), want,
+                                   rtol=1e-10, atol=1e-12)
         fresh = RademacherProjector(37, seed=3)  # never bound
-        torch.testing.assert_close(fresh.features(other, trainable, fixed, x, y), want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ProjectedGradients(other, fresh).features(trainable, fixed, x, y), want,
+                                   rtol=1e-10, atol=1e-12)
     assert len(calls) == 1
     assert fresh.describe() == projector.describe()
 
 
-def test_attributor_scores_are_unchanged(tmp_path):
+def test_attributor_scores_are_unchanged(tmp_path, monkeypatch):
     """A store featurized with the default projector (hooks) scores as the explicit matrix does."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3))
@@ -176,10 +218,14 @@ def test_attributor_scores_are_unchanged(tmp_path):
     traj = Trajectory([Segment(states, steps=30, lr=0.1, data=(X, y))], momentum=0.5)
     queries = (X[:7] + 0.1, y[:7])
     k = 16
+    hooked = []
+    original = DenseHookBackend.features
+    monkeypatch.setattr(DenseHookBackend, "features",
+                        lambda self, *a, **kw: hooked.append(1) or original(self, *a, **kw))
     default = Attributor(model, ClassificationTask(), traj, tmp_path / "default.zarr", proj_dim=k, seed=0,
                          hessian="fisher", feature_dtype="float32", chunk_size=16)
-    assert default.projector._hooked is not None
     default.featurize(batch_size=8, progress=False)
+    assert hooked  # the features came from the hook backend
     p = sum(v.numel() for v in model.parameters())
     matrix = RademacherProjector(k, seed=0).project(torch.eye(p, dtype=torch.float64)).T
     explicit = Attributor(model, ClassificationTask(), traj, tmp_path / "matrix.zarr",
@@ -205,15 +251,16 @@ def test_a_task_with_a_reduced_loss_falls_back_to_vmap_once_and_for_all(monkeypa
     computer = GradientComputer(model, SummedLossTask())
     trainable, fixed = computer.split(model.state_dict(), torch.device("cpu"))
     projector = RademacherProjector(37, seed=3)
+    gradients = ProjectedGradients(computer, projector)
     with computer.evaluating():
-        projector.bind(model, computer.param_names, params={**trainable, **fixed}, example=x[:2])
-        assert projector._hooked is not None
+        gradients.bind({**trainable, **fixed}, x[:2])
+        assert isinstance(gradients.backend, DenseHookBackend)
         calls = []
         original = computer.layer_deltas
         monkeypatch.setattr(computer, "layer_deltas", lambda *a, **kw: calls.append(1) or original(*a, **kw))
-        first = projector.features(computer, trainable, fixed, x, y)
-        second = projector.features(computer, trainable, fixed, x, y)
+        first = gradients.features(trainable, fixed, x, y)
+        second = gradients.features(trainable, fixed, x, y)
         want = projector.project(computer.per_example_grads(trainable, fixed, x, y))
-    assert len(calls) == 1 and projector._hooked is None  # tried once, then vmap only
+    assert len(calls) == 1 and isinstance(gradients.backend, VmapBackend)  # tried once, then vmap only
     torch.testing.assert_close(first, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(second, want, rtol=1e-10, atol=1e-12)

@@ -33,6 +33,7 @@ import zarr
 from conftest import assert_scores_close
 
 from srcproj import ConfigurationError
+from srcproj import layout as names
 from srcproj.distributed import (
     Collective,
     all_reduce,
@@ -189,13 +190,13 @@ def test_two_processes_equal_one(tiny_run, job, one_process, name):
     single_root, single_scores = one_process
     two = zarr.open_group(root / f"{name}.zarr", mode="r")
     one = zarr.open_group(single_root / f"{name}.zarr", mode="r")
-    arrays = ["features/ckpt_0", "features/ckpt_1", "hessians/ckpt_0", "hessians/ckpt_1",
-              "segments/seg_0/eigenvalues", "caches/seg_0"]
+    arrays = [names.features(0), names.features(1), names.hessian(0), names.hessian(1),
+              names.eigenvalues(0), names.cache(0)]
     for array in arrays:
         np.testing.assert_allclose(two[array][:], one[array][:], rtol=1e-5, atol=1e-7 * np.abs(one[array][:]).max(),
                                    err_msg=array)
-    for flags in ("features/ckpt_0_done", "features/ckpt_1_done", "hessians/done", "segments/done",
-                  "caches/seg_0_done"):
+    for flags in (names.features_done(0), names.features_done(1), names.HESSIANS_DONE, names.SPECTRA_DONE,
+                  names.cache_done(0)):
         assert two[flags][:].all(), flags
     for rank in (0, 1):
         assert_scores_close(np.load(root / "first" / f"{name}_scores_rank{rank}.npy"), single_scores[name])
@@ -257,7 +258,7 @@ def test_an_error_in_one_ranks_shard_reaches_every_rank(job, second_job):
     assert "the gradient of example 37 of segment 0's data is NaN or inf" in first["message"]
     assert second["message"].startswith("rank 0 failed: checkpoint 0 (segment 0): the gradient of example 37")
     # Rank 1's chunks are done; rank 0's chunk 2 (rows 32..47) is not; a rerun would redo only rank 0's part.
-    flags = zarr.open_group(root / "nan.zarr", mode="r")["features/ckpt_0_done"][:]
+    flags = zarr.open_group(root / "nan.zarr", mode="r")[names.features_done(0)][:]
     assert flags[[1, 3, 5]].all() and not flags[2]
 
 
@@ -295,7 +296,7 @@ def test_a_killed_job_resumes_where_it_stopped(tiny_run, one_process, tmp_path):
         deadline = time.monotonic() + 180
         while True:
             assert proc.poll() is None, f"the job ended (code {proc.returncode}):\n{(out / 'output.log').read_text()}"
-            flags = read_flags(store, "features/ckpt_1_done")
+            flags = read_flags(store, names.features_done(1))
             if (out / "exact_hung_rank0").exists() and flags is not None and flags[1::2].all():
                 break
             assert time.monotonic() < deadline, f"the job did not stop part-way:\n{(out / 'output.log').read_text()}"
@@ -308,13 +309,13 @@ def test_a_killed_job_resumes_where_it_stopped(tiny_run, one_process, tmp_path):
 
     # What the killed job had flagged done, now that nothing writes any more.
     killed = zarr.open_group(store, mode="r")
-    done = {ckpt: np.asarray(killed[f"features/ckpt_{ckpt}_done"][:], dtype=bool) for ckpt in (0, 1)}
-    hessians_done = np.asarray(killed["hessians/done"][:], dtype=bool)
+    done = {ckpt: np.asarray(killed[names.features_done(ckpt)][:], dtype=bool) for ckpt in (0, 1)}
+    hessians_done = np.asarray(killed[names.HESSIANS_DONE][:], dtype=bool)
     flagged = {(ckpt, c) for ckpt in (0, 1) for c in range(CHUNKS) if done[ckpt][c]}
     assert 0 < len(flagged) < 2 * CHUNKS
     assert done[0].all() and done[1].tolist() == [True, True, True, True, False, True, False]
     assert hessians_done.tolist() == [True, False]
-    assert not killed["caches/seg_0_done"][:].any() and not killed["segments/done"][:].any()
+    assert not killed[names.cache_done(0)][:].any() and not killed[names.SPECTRA_DONE][:].any()
     # The chunk files the killed job wrote, to check that the rerun leaves them alone.
     files = {(ckpt, c): store / "features" / f"ckpt_{ckpt}" / "c" / str(c) / "0" for ckpt, c in flagged}
     assert all(path.is_file() for path in files.values()), sorted(store.rglob("*"))
@@ -342,12 +343,12 @@ def test_a_killed_job_resumes_where_it_stopped(tiny_run, one_process, tmp_path):
     single_root, single_scores = one_process
     resumed = zarr.open_group(store, mode="r")
     one = zarr.open_group(single_root / "exact.zarr", mode="r")
-    for array in ("features/ckpt_0", "features/ckpt_1", "hessians/ckpt_0", "hessians/ckpt_1",
-                  "segments/seg_0/eigenvalues", "caches/seg_0"):
+    for array in (names.features(0), names.features(1), names.hessian(0), names.hessian(1),
+                  names.eigenvalues(0), names.cache(0)):
         np.testing.assert_allclose(resumed[array][:], one[array][:], rtol=1e-5,
                                    atol=1e-7 * np.abs(one[array][:]).max(), err_msg=array)
-    for flags in ("features/ckpt_0_done", "features/ckpt_1_done", "hessians/done", "segments/done",
-                  "caches/seg_0_done"):
+    for flags in (names.features_done(0), names.features_done(1), names.HESSIANS_DONE, names.SPECTRA_DONE,
+                  names.cache_done(0)):
         assert resumed[flags][:].all(), flags
     for rank in (0, 1):
         assert_scores_close(np.load(tmp_path / "resumed" / f"exact_scores_rank{rank}.npy"), single_scores["exact"])
@@ -371,8 +372,8 @@ def test_memory_url_store_equals_a_local_store(tiny_run, tmp_path):
     assert (again.feature_chunks_computed, again.hessians_computed, again.cache_chunks_computed) == (0, 0, 0)
     stored = AttributionStore.read(url)
     assert stored.metadata["proj_dim"] == 16 and stored.nbytes_stored() > 0
-    np.testing.assert_array_equal(stored.read_all("caches/seg_0"),
-                                  zarr.open_group(tmp_path / "local.zarr", mode="r")["caches/seg_0"][:])
+    np.testing.assert_array_equal(stored.read_all(names.cache(0)),
+                                  zarr.open_group(tmp_path / "local.zarr", mode="r")[names.cache(0)][:])
 
 
 def test_distributed_helpers_are_no_ops_in_one_process(monkeypatch):

@@ -27,6 +27,7 @@ from srcproj import (
     StoreMismatchError,
     Trajectory,
 )
+from srcproj import layout as names
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -425,11 +426,11 @@ def test_nan_weight_in_a_checkpoint(tiny_run, tmp_path):
         attr.featurize(progress=False)
 
     group = zarr.open_group(path, mode="r")
-    assert group["features/ckpt_0_done"][:].all()
-    assert group["hessians/done"][:].tolist() == [True, False]
-    assert not group["features/ckpt_1_done"][:].any()
-    np.testing.assert_array_equal(group["features/ckpt_0"][:],
-                                  clean_features(tiny_run, tmp_path, "features/ckpt_0"))
+    assert group[names.features_done(0)][:].all()
+    assert group[names.HESSIANS_DONE][:].tolist() == [True, False]
+    assert not group[names.features_done(1)][:].any()
+    np.testing.assert_array_equal(group[names.features(0)][:],
+                                  clean_features(tiny_run, tmp_path, names.features(0)))
 
     # Reopened, the store resumes: checkpoint 0 is skipped and the error comes back.
     again = tiny_run.attributor(path, trajectory=tiny_run.trajectory(checkpoints=bad))
@@ -437,7 +438,7 @@ def test_nan_weight_in_a_checkpoint(tiny_run, tmp_path):
         again.featurize(progress=False)
     with pytest.raises(StoreError, match=r"run featurize\(\) first"):
         again.score(tiny_run.queries)
-    assert group["features/ckpt_0_done"][:].all()
+    assert group[names.features_done(0)][:].all()
 
 
 def test_nan_weight_in_the_only_checkpoint(tiny_run, tmp_path):
@@ -461,15 +462,15 @@ def test_nan_input_mid_featurize_keeps_finished_chunks(tiny_run, tmp_path, batch
         attr.featurize(batch_size=batch_size, progress=False)
 
     group = zarr.open_group(path, mode="r")
-    flags = group["features/ckpt_0_done"][:]
+    flags = group[names.features_done(0)][:]
     assert flags.tolist() == [True, True] + [False] * (len(flags) - 2)
-    np.testing.assert_allclose(group["features/ckpt_0"][:32],
-                               clean_features(tiny_run, tmp_path, "features/ckpt_0", batch_size)[:32], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(group[names.features(0)][:32],
+                               clean_features(tiny_run, tmp_path, names.features(0), batch_size)[:32], rtol=1e-6, atol=0)
     # Nothing past the bad chunk was flagged, and a second try reports the same example.
     again = tiny_run.attributor(path, trajectory=tiny_run.trajectory(data=(X, tiny_run.y)))
     with pytest.raises(NonFiniteGradientError, match=r"example 37 "):
         again.featurize(batch_size=batch_size, progress=False)
-    assert group["features/ckpt_0_done"][:].tolist() == flags.tolist()
+    assert group[names.features_done(0)][:].tolist() == flags.tolist()
 
 
 def test_nan_query_input(tiny_run, store):
@@ -510,28 +511,16 @@ def test_store_for_another_proj_dim(tiny_run, store):
     assert_store_intact(tiny_run, path, baseline)
 
 
-def test_store_for_other_steps(tiny_run, store):
+def test_other_segment_times_are_not_scored_from_stale_caches(tiny_run, store):
+    """Other steps / lr / momentum / weight decay reuse the store (tests/test_stages.py), but
+    the caches made for the old ones are never scored: featurize() must run first."""
     path, baseline = store
-    with pytest.raises(StoreMismatchError, match=r"segments\[0\]\.steps: 10 in the store, 20 now"):
-        tiny_run.attributor(path, trajectory=tiny_run.trajectory(steps=20))
-    assert_store_intact(tiny_run, path, baseline)
-
-
-def test_store_for_another_lr(tiny_run, store):
-    path, baseline = store
-    with pytest.raises(StoreMismatchError, match=r"segments\[0\]\.total_lr: 1\.0 in the store, 0\.5 now"):
-        tiny_run.attributor(path, trajectory=tiny_run.trajectory(lr=0.05))
-    with pytest.raises(StoreMismatchError, match=r"segments\[0\]\.total_lr"):
-        tiny_run.attributor(path, trajectory=tiny_run.trajectory(lr=[0.2] * 5 + [0.05] * 5))
-    assert_store_intact(tiny_run, path, baseline)
-
-
-def test_store_for_other_momentum_or_weight_decay(tiny_run, store):
-    path, baseline = store
-    with pytest.raises(StoreMismatchError, match=r"momentum: 0\.0 in the store, 0\.5 now"):
-        tiny_run.attributor(path, trajectory=tiny_run.trajectory(momentum=0.5))
-    with pytest.raises(StoreMismatchError, match=r"weight_decay: 0\.0 in the store, 0\.01 now"):
-        tiny_run.attributor(path, trajectory=tiny_run.trajectory(weight_decay=0.01))
+    for trajectory in (tiny_run.trajectory(steps=20), tiny_run.trajectory(lr=0.05),
+                       tiny_run.trajectory(momentum=0.5), tiny_run.trajectory(weight_decay=0.01)):
+        attr = tiny_run.attributor(path, trajectory=trajectory)
+        assert not attr.is_featurized()
+        with pytest.raises(StoreError, match=r"made with other inputs \(.*\): run featurize\(\)"):
+            attr.score(tiny_run.queries)
     assert_store_intact(tiny_run, path, baseline)
 
 
@@ -637,7 +626,7 @@ def test_score_on_a_partly_featurized_store(tiny_run, store):
     """A store whose caches are not all flagged (e.g. an interrupted run) refuses to score."""
     path, baseline = store
     group = zarr.open_group(path, mode="r+")
-    group["caches/seg_0_done"][3] = False
+    group[names.cache_done(0)][3] = False
     attr = tiny_run.attributor(path)
     with pytest.raises(StoreError, match=r"run featurize\(\) first"):
         attr.score(tiny_run.queries)

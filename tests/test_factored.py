@@ -22,7 +22,7 @@ from srcproj import (
     StoreMismatchError,
     Trajectory,
 )
-from srcproj.gradients import GradientComputer
+from srcproj.gradients import FactoredBackend, GradientComputer, ProjectedGradients, VmapBackend
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -119,17 +119,19 @@ def test_features_equal_the_explicit_kronecker_matrix(name, proj_dim):
     computer = GradientComputer(model, ClassificationTask())
     trainable, fixed = computer.split(model.state_dict(), torch.device("cpu"))
     projector = KroneckerProjector(proj_dim, seed=3)
+    gradients = ProjectedGradients(computer, projector)
     with computer.evaluating():
-        projector.bind(model, computer.param_names, params={**trainable, **fixed}, example=x[:2])
+        gradients.bind({**trainable, **fixed}, x[:2])
+        assert isinstance(gradients.backend, FactoredBackend)
         matrix = explicit_matrix(projector, model, computer.param_names)
         for kind in ("loss", "measurement"):
             flat = computer.per_example_grads(trainable, fixed, x, y, kind)  # autograd, (B, p)
             expected = flat @ matrix.T
-            torch.testing.assert_close(projector.features(computer, trainable, fixed, x, y, kind), expected,
+            torch.testing.assert_close(gradients.features(trainable, fixed, x, y, kind), expected,
                                        rtol=1e-5, atol=1e-12)
             torch.testing.assert_close(projector.project(flat), expected, rtol=1e-5, atol=1e-12)
         jacobians, outputs = computer.output_jacobians(trainable, fixed, x)
-        projected, outputs_k = projector.output_features(computer, trainable, fixed, x)
+        projected, outputs_k = gradients.output_features(trainable, fixed, x)
         torch.testing.assert_close(projected, jacobians @ matrix.T, rtol=1e-5, atol=1e-12)
         torch.testing.assert_close(outputs_k, outputs)
     layers = projector.describe()["layers"]
@@ -296,13 +298,14 @@ def test_factored_features_do_not_depend_on_the_grad_mode():
     computer = GradientComputer(model, ClassificationTask())
     trainable, fixed = computer.split(model.state_dict(), torch.device("cpu"))
     projector = KroneckerProjector(30)
+    gradients = ProjectedGradients(computer, projector)
     with torch.no_grad():
-        projector.bind(model, params=dict(model.state_dict()), example=x[:2])
-        features = projector.features(computer, trainable, fixed, x, y)
-        jacobians, _ = projector.output_features(computer, trainable, fixed, x)
+        gradients.bind(dict(model.state_dict()), x[:2])
+        features = gradients.features(trainable, fixed, x, y)
+        jacobians, _ = gradients.output_features(trainable, fixed, x)
     assert [e["module"] for e in projector.describe()["layers"]] == ["embed", "head"]
-    torch.testing.assert_close(features, projector.features(computer, trainable, fixed, x, y), rtol=0, atol=0)
-    torch.testing.assert_close(jacobians, projector.output_features(computer, trainable, fixed, x)[0], rtol=0, atol=0)
+    torch.testing.assert_close(features, gradients.features(trainable, fixed, x, y), rtol=0, atol=0)
+    torch.testing.assert_close(jacobians, gradients.output_features(trainable, fixed, x)[0], rtol=0, atol=0)
     assert bool((features != 0).any(dim=1).all())  # every example has features
 
 
@@ -312,9 +315,11 @@ def test_rademacher_features_project_gradient_pieces_like_flat_rows():
     computer = GradientComputer(model, ClassificationTask())
     trainable, fixed = computer.split(model.state_dict(), torch.device("cpu"))
     projector = RademacherProjector(24, seed=2)
+    gradients = ProjectedGradients(computer, projector)  # unbound: vmapped pieces, one per parameter
+    assert isinstance(gradients.backend, VmapBackend)
     with computer.evaluating():
         flat = computer.per_example_grads(trainable, fixed, x, y)
-        torch.testing.assert_close(projector.features(computer, trainable, fixed, x, y), projector.project(flat),
+        torch.testing.assert_close(gradients.features(trainable, fixed, x, y), projector.project(flat),
                                    rtol=1e-12, atol=1e-12)
     pieces = [flat[:, a:b] for a, b in [(0, 5), (5, 600), (600, 1100), (1100, flat.shape[1])]]
     torch.testing.assert_close(projector.project_pieces(pieces), projector.project(flat), rtol=1e-12, atol=1e-12)
@@ -392,8 +397,16 @@ def test_weight_used_outside_its_module_is_projected_densely(tmp_path):
     computer = GradientComputer(model, ClassificationTask())
     trainable, fixed = computer.split(model.state_dict(), torch.device("cpu"))
     matrix = explicit_matrix(projector, model, computer.param_names)
-    torch.testing.assert_close(projector.features(computer, trainable, fixed, x, y),
+    gradients = ProjectedGradients(computer, projector)  # laid out by projector.bind: used as it is
+    assert isinstance(gradients.backend, FactoredBackend)
+    torch.testing.assert_close(gradients.features(trainable, fixed, x, y),
                                computer.per_example_grads(trainable, fixed, x, y) @ matrix.T, rtol=1e-5, atol=1e-12)
+    jacobians, _ = computer.output_jacobians(trainable, fixed, x)
+    torch.testing.assert_close(gradients.output_features(trainable, fixed, x)[0], jacobians @ matrix.T,
+                               rtol=1e-5, atol=1e-12)
+    # ProjectedGradients.bind lays it out the same way: binding again is fine.
+    gradients.bind({**trainable, **fixed}, x[:2])
+    assert [e["module"] for e in projector.describe()["layers"]] == ["head"]
     with pytest.raises(ConfigurationError, match=r"fc\.weight \(used outside its module\)"):
         KroneckerProjector(12, other_params="refuse").bind(model, params=dict(model.state_dict()), example=x[:2])
 
@@ -405,9 +418,9 @@ def test_projector_errors(tiny_run, tmp_path):
         KroneckerProjector(8).project(torch.zeros(2, 69))
     with pytest.raises(ConfigurationError, match=r"proj_dim=1 is smaller than the 2 groups"):
         tiny_run.attributor(tmp_path / "small.zarr", projector=KroneckerProjector(1))
-    with pytest.raises(ConfigurationError, match=r"other_params='all'; choose 'dense' or 'refuse'"):
+    with pytest.raises(ConfigurationError, match=r"other_params='all'; choose one of \('dense', 'refuse'\)"):
         KroneckerProjector(8, other_params="all")
-    with pytest.raises(ConfigurationError, match=r"seed=-1; the seed must be an integer >= 0"):
+    with pytest.raises(ConfigurationError, match=r"seed=-1; it must be an integer >= 0"):
         KroneckerProjector(8, seed=-1)
     with pytest.raises(ConfigurationError, match=r"proj_dim=0"):
         KroneckerProjector(0)
@@ -420,3 +433,20 @@ def test_projector_errors(tiny_run, tmp_path):
         tiny_run.attributor(tmp_path / "c.zarr", projector=projector, modules=["2"])
     with pytest.raises(ConfigurationError, match=r"bound to 75"):
         projector.project(torch.zeros(2, 70))
+
+
+def test_projected_gradients_need_a_laid_out_projector_for_these_parameters():
+    model, x, y = build("mlp")
+    computer = GradientComputer(model, ClassificationTask())
+    trainable, fixed = computer.split(model.state_dict(), torch.device("cpu"))
+    with pytest.raises(ConfigurationError, match=r"not bound to a model.*Attributor\(\.\.\., projector=\.\.\.\)"):
+        ProjectedGradients(computer, KroneckerProjector(8)).features(trainable, fixed, x, y)
+    projector = KroneckerProjector(8)
+    projector.bind(model)  # every parameter
+    subset = GradientComputer(model, ClassificationTask(), modules=["4"])
+    trainable, fixed = subset.split(model.state_dict(), torch.device("cpu"))
+    with pytest.raises(ConfigurationError,
+                       match=r"bound to other attributed parameters \(5 tensors\) than these \(2\)"):
+        ProjectedGradients(subset, projector).output_features(trainable, fixed, x)
+    with pytest.raises(ConfigurationError, match=r"already bound to another model"):
+        ProjectedGradients(subset, projector).bind({**trainable, **fixed}, x[:2])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from srcproj import ConfigurationError, FastJLProjector, MatrixProjector, RademacherProjector
+from srcproj.gradients import GradientPieces
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -122,11 +123,37 @@ def test_project_needs_rows():
         RademacherProjector(4).project(torch.randn(10))
 
 
+def test_lazy_pieces_are_asked_for_once_each_in_order(monkeypatch):
+    """Pieces formed on demand: each asked for once, in column order, even when a piece spans
+    several blocks of the matrix; the projection is that of the whole rows."""
+    grads = torch.randn(3, 1500, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    bounds = [0, 5, 600, 1100, 1500]
+    asked = []
+
+    def make(i: int) -> torch.Tensor:
+        asked.append(i)
+        return grads[:, bounds[i]:bounds[i + 1]].clone()
+
+    pieces = GradientPieces([b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)], make, 3,
+                            torch.float64, torch.device("cpu"))
+    assert len(pieces) == 4 and pieces.num_params == 1500
+    projector = RademacherProjector(16, seed=2)
+    monkeypatch.setattr(projector, "_tiles_per_block", lambda dtype: 1)
+    torch.testing.assert_close(projector.project_pieces(pieces), projector.project(grads), rtol=1e-12, atol=1e-12)
+    assert asked == [0, 1, 2, 3]
+    # A projector that does not accept pieces gets the concatenated rows.
+    matrix = torch.randn(4, 1500, dtype=torch.float64)
+    torch.testing.assert_close(MatrixProjector(matrix).project_pieces(pieces), grads @ matrix.T)
+    torch.testing.assert_close(MatrixProjector(matrix).project_pieces([grads[:, :700], grads[:, 700:]]),
+                               grads @ matrix.T)
+
+
 # ---------------------------------------------------------------------------- MatrixProjector
 def test_matrix_projector_with_wrong_number_of_columns():
     projector = MatrixProjector(torch.randn(4, 10, dtype=torch.float64))
     assert projector.proj_dim == 4
-    with pytest.raises(ConfigurationError, match=r"the projection matrix has 10 columns but the gradients have 12 parameters"):
+    with pytest.raises(ConfigurationError,
+                       match=r"the projection matrix has 10 columns but the gradients have 12 parameters"):
         projector.project(torch.randn(3, 12, dtype=torch.float64))
 
 
@@ -153,7 +180,7 @@ def test_fast_jl_without_the_extension():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"proj_dim": 100}, r"multiple of 512, got 100"),
-    ({"proj_dim": 512, "batch_size": 12}, r"batch_size must be 8, 16 or 32, got 12"),
+    ({"proj_dim": 512, "batch_size": 12}, r"batch_size=12; choose one of \(8, 16, 32\)"),
     ({"proj_dim": 0}, r"proj_dim=0"),
     ({"proj_dim": 512, "seed": 2**32}, r"32-bit seed"),
     ({"proj_dim": 512, "seed": -1}, r"seed=-1"),

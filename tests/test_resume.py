@@ -15,6 +15,7 @@ import torch
 import zarr
 
 from conftest import assert_scores_close
+from srcproj import layout as names
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -81,10 +82,10 @@ def test_lost_flags_are_recomputed(tiny_run, tmp_path):
     path = tmp_path / "run.zarr"
     scores = scores_of(tiny_run, path)
     group = zarr.open_group(path, mode="r+")
-    group["features/ckpt_1_done"][2] = False
-    group["features/ckpt_1_done"][5] = False
-    group["hessians/done"][1] = False
-    group["caches/seg_0_done"][0] = False
+    group[names.features_done(1)][2] = False
+    group[names.features_done(1)][5] = False
+    group[names.HESSIANS_DONE][1] = False
+    group[names.cache_done(0)][0] = False
     attr = tiny_run.attributor(path)
     report = attr.featurize(progress=False)
     assert (report.feature_chunks_computed, report.feature_chunks_skipped) == (2, 12)
@@ -165,7 +166,7 @@ def test_killed_featurize_resumes_without_recomputing(tiny_run, tmp_path):
                     group = zarr.open_group(store, mode="r")
                 except Exception:
                     group = None
-                flags = done_flags(group, "features/ckpt_0_done") if group is not None else None
+                flags = done_flags(group, names.features_done(0)) if group is not None else None
                 if flags is not None and 2 <= flags.sum() < len(flags):
                     os.kill(proc.pid, signal.SIGKILL)
                     killed = True
@@ -187,7 +188,7 @@ def test_killed_featurize_resumes_without_recomputing(tiny_run, tmp_path):
     group = zarr.open_group(store, mode="r")
     done_at_kill = 0
     for index in range(len(tiny_run.checkpoints)):
-        flags = done_flags(group, f"features/ckpt_{index}_done")
+        flags = done_flags(group, names.features_done(index))
         if flags is not None:
             assert len(flags) == chunks_per_checkpoint
             done_at_kill += int(flags.sum())
@@ -209,7 +210,7 @@ def test_killed_featurize_resumes_without_recomputing(tiny_run, tmp_path):
     # The files written by the killed process hold the same features as the uninterrupted run.
     for index in range(len(tiny_run.checkpoints)):
         np.testing.assert_allclose(
-            zarr.open_group(store, mode="r")[f"features/ckpt_{index}"][:],
-            zarr.open_group(tmp_path / "whole.zarr", mode="r")[f"features/ckpt_{index}"][:],
+            zarr.open_group(store, mode="r")[names.features(index)][:],
+            zarr.open_group(tmp_path / "whole.zarr", mode="r")[names.features(index)][:],
             rtol=1e-5, atol=1e-7,
         )

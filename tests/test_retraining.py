@@ -3,7 +3,7 @@
 For each of 10 queries and 3 retraining seeds, removing the query's top-50 helpful
 training examples must lower its margin at least twice as much (averaged) as removing 50
 random training examples of the query's class. Retraining uses the same number of steps
-as the original run: the counterfactual SOURCE predicts (source-math.md §8).
+as the original run: the counterfactual SOURCE predicts (docs/math.md §8).
 """
 
 from __future__ import annotations

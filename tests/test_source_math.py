@@ -1,4 +1,4 @@
-"""SOURCE against independent brute force (source-math.md §7)."""
+"""SOURCE against independent brute force (docs/math.md §7)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from torch import nn
 
 import bruteforce
 from srcproj import Attributor, ClassificationTask, MatrixProjector, RegressionTask, Segment, Trajectory
+from srcproj import layout as names
 from srcproj.source import accumulate_spectrum, forget_spectrum
 
 
@@ -200,7 +201,7 @@ def test_linear_regression_matches_unrolled_derivative_and_finer_segments_help(t
 
 
 def _stored_hessian(attr, checkpoint: int) -> np.ndarray:
-    return attr.store.read_all(f"hessians/ckpt_{checkpoint}")
+    return attr.store.read_all(names.hessian(checkpoint))
 
 
 def test_hessian_estimators_against_explicit_matrices(tmp_path):

@@ -1,0 +1,397 @@
+"""The run's context: everything about a training run that featurizing and scoring need.
+
+An :class:`AttributionContext` is built once, from the user's model, task and
+trajectory (:meth:`AttributionContext.from_trajectory`, to featurize) or from a store
+that was featurized before (:meth:`AttributionContext.from_store`, to score without
+rebuilding the trajectory). Either way it answers the same questions: which checkpoint
+belongs to which segment, what data each segment trained on, how to load a checkpoint's
+parameters, and the projected per-example gradients of any examples at any checkpoint.
+It also describes the run for the store: the metadata that identifies it (a change is
+refused) and the inputs of the stages that can be recomputed in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .curvature import HessianEstimator, SampledFisher, choose_estimator
+from .data import ExampleSource
+from .errors import ConfigurationError, DataError, NonFiniteGradientError, StoreError, StoreMismatchError
+from .gradients import GradientComputer, ProjectedGradients
+from .layout import StoreLayout
+from .projection import FastJLProjector, KroneckerProjector, Projector, RademacherProjector
+from .store import AttributionStore, metadata_differences
+from .tasks import Task
+from .trajectory import Trajectory
+from .validation import check_choice, check_positive_int
+
+__all__ = ["AttributionContext", "FEATURE_DTYPES", "projector_from_description"]
+
+FEATURE_DTYPES = ("float16", "float32", "float64")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def projector_from_description(description: dict) -> Projector:
+    """A new projector equal to the one a store recorded (``describe()``'s output).
+
+    An explicit :class:`~srcproj.MatrixProjector` cannot be rebuilt from its digest:
+    pass it again.
+    """
+    kind = description.get("kind")
+    if kind == "rademacher" and description.get("version") == RademacherProjector.VERSION:
+        return RademacherProjector(int(description["proj_dim"]), int(description["seed"]))
+    if kind == "kronecker" and description.get("version") == KroneckerProjector.VERSION:
+        return KroneckerProjector(int(description["proj_dim"]), int(description["seed"]),
+                                  other_params=str(description["other_params"]))
+    if kind == "fast_jl":
+        return FastJLProjector(int(description["proj_dim"]), int(description["seed"]),
+                               num_feature_tiles=int(description["num_feature_tiles"]))
+    raise ConfigurationError(
+        f"the store's projector ({kind}) cannot be rebuilt from its description; pass the same projector "
+        "again with projector=..."
+    )
+
+
+class AttributionContext:
+    """A training run as featurizing and scoring see it; build it with a ``from_*`` method."""
+
+    def __init__(self, *, gradients: ProjectedGradients, device: torch.device,
+                 checkpoint_segments: list[int], data_groups: list[int], sources: list[ExampleSource | None],
+                 loader: Callable[[int], dict], num_outputs: int, estimator: HessianEstimator,
+                 feature_dtype: str, chunk_size: int, segment_sizes: list[int]) -> None:
+        self.gradients = gradients
+        self.computer = gradients.computer
+        self.projector = gradients.projector
+        self.task = self.computer.task
+        self.device = device
+        self.checkpoint_segments = checkpoint_segments
+        self.data_groups = data_groups
+        self.sources = sources
+        self._loader = loader
+        self.num_outputs = num_outputs
+        self.estimator = estimator
+        self.feature_dtype = feature_dtype
+        self.cache_dtype = "float64" if feature_dtype == "float64" else "float32"
+        self.chunk_size = chunk_size
+        self.segment_sizes = segment_sizes
+        self._parameters: dict[int, tuple[dict, dict]] = {}
+        self._bound = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_trajectory(cls, model: nn.Module, task: Task, trajectory: Trajectory, projector: Projector, *,
+                        modules: Sequence[str] | None, hessian: str, fisher_samples: int, feature_dtype: str,
+                        chunk_size: int, device: Any) -> AttributionContext:
+        """Validate the user's inputs and read every checkpoint once (digests, shapes)."""
+        if not isinstance(trajectory, Trajectory):
+            raise ConfigurationError(f"trajectory must be a srcproj.Trajectory, got {type(trajectory).__name__}")
+        check_choice(feature_dtype, "feature_dtype", FEATURE_DTYPES)
+        check_positive_int(chunk_size, "chunk_size")
+        check_positive_int(fisher_samples, "fisher_samples")
+        if not isinstance(projector, Projector):
+            raise ConfigurationError(f"projector must be a srcproj Projector, got {type(projector).__name__}")
+        computer = GradientComputer(model, task, modules)
+        index = trajectory.checkpoint_index
+
+        def load(c: int) -> dict:
+            seg, pos = index[c]
+            return computer.load_checkpoint(trajectory.segments[seg].checkpoints[pos],
+                                            f"checkpoint {c} (segment {seg}, position {pos})")
+
+        sources = [ExampleSource(seg.data, f"segment {i}'s data") for i, seg in enumerate(trajectory.segments)]
+        context = cls(gradients=ProjectedGradients(computer, projector),
+                      device=torch.device(device) if device is not None else _model_device(model),
+                      checkpoint_segments=[s for s, _ in index], data_groups=list(trajectory.data_groups),
+                      sources=list(sources), loader=load, num_outputs=0, estimator=None,  # type: ignore[arg-type]
+                      feature_dtype=feature_dtype, chunk_size=chunk_size, segment_sizes=[len(s) for s in sources])
+        context.digests = [computer.checkpoint_digest(load(c)) for c in range(len(index))]
+        context.num_outputs = context._probe_outputs()
+        for seg, source in enumerate(sources):
+            if trajectory.data_groups[seg] == seg:
+                task.validate_targets(source.all_targets(), context.num_outputs, source.what)
+        context.estimator = choose_estimator(hessian, task, context.num_outputs, fisher_samples)
+        context.trajectory = trajectory
+        context.bind(sources[0].rows(0, min(2, len(sources[0])))[0])
+        return context
+
+    @classmethod
+    def from_store(cls, store: AttributionStore, model: nn.Module, task: Task, data: Any = None, *,
+                   projector: Projector | None = None, device: Any = None) -> AttributionContext:
+        """The context of a featurized store, for scoring: the trajectory is not needed.
+
+        The query checkpoints come from the store; ``data`` (the training data of
+        segment 0's data set, or a sequence with one entry per data set in the
+        store's order) is needed only for self-influence and is checked by fingerprint.
+        """
+        meta = store.metadata
+        computer = GradientComputer(model, task, param_names=meta.get("param_names"))
+        if computer.fingerprint() != meta.get("model_fingerprint"):
+            raise StoreMismatchError(
+                f"the model does not match the store at {store.location!r}: its parameter names or shapes differ "
+                "(or other modules are attributed); pass the architecture the store was featurized with"
+            )
+        shown = metadata_differences(meta.get("task", {}), task.describe(), ("in the store", "now"))
+        if shown:
+            raise StoreMismatchError(f"the task does not match the store at {store.location!r} ({shown})")
+        if projector is None:
+            projector = projector_from_description(meta["projector"])
+        elif not isinstance(projector, Projector):
+            raise ConfigurationError(f"projector must be a srcproj Projector, got {type(projector).__name__}")
+        layout = StoreLayout(store)
+        segments = meta["segments"]
+        groups = [int(info["data_group"]) for info in segments]
+        sources: list[ExampleSource | None] = [None] * len(segments)
+        owners = sorted(set(groups))
+        if data is not None:
+            given = list(data) if isinstance(data, list) else [data]
+            if len(given) > len(owners):
+                raise ConfigurationError(f"data has {len(given)} data sets; the store has {len(owners)}")
+            for owner, item in zip(owners, given):
+                source = ExampleSource(item, f"segment {owner}'s data")
+                info = segments[owner]
+                if len(source) != int(info["num_examples"]) or source.fingerprint() != info["data_fingerprint"]:
+                    raise StoreMismatchError(
+                        f"segment {owner}'s data is not the data the store was featurized with (it has "
+                        f"{len(source)} examples, the store {info['num_examples']}, or other values); pass the "
+                        "same training data, or none"
+                    )
+                for seg, group in enumerate(groups):
+                    if group == owner:
+                        sources[seg] = source
+        digests = [d for info in segments for d in info["checkpoints"]]
+
+        def load(c: int) -> dict:
+            state, saved = layout.load_checkpoint(c)
+            checked = computer.load_checkpoint(state, f"checkpoint {c} saved in the store")
+            if computer.checkpoint_digest(checked) != saved or saved != digests[c]:
+                raise StoreError(f"checkpoint {c} saved in the store {store.location!r} does not match its "
+                                 "recorded digest: the store is damaged; featurize it again")
+            return checked
+
+        estimator = choose_estimator(meta["hessian"], task, int(meta["num_outputs"]),
+                                     int(meta.get("fisher_samples", 1)))
+        context = cls(gradients=ProjectedGradients(computer, projector),
+                      device=torch.device(device) if device is not None else _model_device(model),
+                      checkpoint_segments=list(layout.shape.checkpoint_segments), data_groups=groups,
+                      sources=sources, loader=load, num_outputs=int(meta["num_outputs"]), estimator=estimator,
+                      feature_dtype=str(meta["feature_dtype"]), chunk_size=int(meta["chunk_size"]),
+                      segment_sizes=list(layout.shape.segment_sizes))
+        context.digests = digests
+        context.trajectory = None
+        context._expected_projector = meta["projector"]
+        return context
+
+    # ------------------------------------------------------------------ description
+    def metadata(self) -> dict:
+        """What identifies the store: a store made for other values is refused."""
+        trajectory = self.trajectory
+        segments = []
+        for seg in range(len(trajectory.segments)):
+            segments.append({
+                "data_group": self.data_groups[seg],
+                "num_examples": self.segment_sizes[seg],
+                "data_fingerprint": self.sources[seg].fingerprint(),
+                "checkpoints": [self.digests[c] for c in self.members(seg)],
+            })
+        return {
+            "library_version": __version__,
+            "projector": self.projector.describe(),
+            "proj_dim": int(self.projector.proj_dim),
+            "num_params": self.computer.num_params,
+            "model_fingerprint": self.computer.fingerprint(),
+            "param_names": self.computer.param_names,
+            "task": self.task.describe(),
+            "num_outputs": self.num_outputs,
+            "hessian": self.estimator.name,
+            "fisher_samples": self.estimator.samples if isinstance(self.estimator, SampledFisher) else 1,
+            "feature_dtype": self.feature_dtype,
+            "chunk_size": self.chunk_size,
+            "segments": segments,
+        }
+
+    def stage_inputs(self) -> dict[str, dict]:
+        """The inputs of the stages that are recomputed in place when they change."""
+        trajectory = self.trajectory
+        return {
+            "spectra": {"weight_decay": float(trajectory.weight_decay)},
+            "caches": {
+                "momentum": float(trajectory.momentum),
+                "segments": [{"steps": seg.steps, "total_lr": seg.total_lr, "time": trajectory.segment_time(i)}
+                             for i, seg in enumerate(trajectory.segments)],
+            },
+        }
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_checkpoints(self) -> int:
+        return len(self.checkpoint_segments)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.data_groups)
+
+    def segment_of(self, checkpoint: int) -> int:
+        return self.checkpoint_segments[checkpoint]
+
+    def members(self, segment: int) -> list[int]:
+        """The checkpoints saved in ``segment``."""
+        return [c for c, s in enumerate(self.checkpoint_segments) if s == segment]
+
+    def checkpoint_number(self, checkpoint: int) -> int:
+        """A checked global checkpoint index (negative indices count from the end)."""
+        count = self.num_checkpoints
+        if isinstance(checkpoint, bool) or not isinstance(checkpoint, (int, np.integer)) \
+                or not -count <= checkpoint < count:
+            raise ConfigurationError(f"checkpoint {checkpoint!r} does not exist; the trajectory has checkpoints "
+                                     f"0..{count - 1} (negative indices count from the end)")
+        return int(checkpoint) % count
+
+    def selection(self, segments: Sequence[int] | None) -> list[int]:
+        """Checked segment indices that share one data set (default: those sharing segment 0's)."""
+        if segments is None:
+            return [s for s, g in enumerate(self.data_groups) if g == self.data_groups[0]]
+        selected = list(segments)
+        if not selected:
+            raise ConfigurationError("segments=[] selects nothing; give at least one segment index")
+        count = self.num_segments
+        for s in selected:
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < count:
+                raise ConfigurationError(f"segment {s!r} does not exist; the trajectory has segments 0..{count - 1}")
+        if len({self.data_groups[s] for s in selected}) > 1:
+            raise ConfigurationError(
+                f"segments {selected} hold different data objects, so their training examples are "
+                "different; score the segments of one data set at a time"
+            )
+        return sorted({int(s) for s in selected})
+
+    def source(self, segment: int) -> ExampleSource:
+        """The training data of ``segment``; an error when a reopened store was given none."""
+        source = self.sources[segment]
+        if source is None:
+            raise ConfigurationError(
+                f"segment {segment}'s training data is needed here (training-example gradients); reopen the store "
+                "with data=... (it is checked against the store's fingerprint)"
+            )
+        return source
+
+    def query_checkpoints(self, mode: str) -> list[int]:
+        """The checkpoints ψ is taken at: the final one, or the last segment's."""
+        final = self.num_checkpoints - 1
+        if mode == "final":
+            return [final]
+        return self.members(self.segment_of(final))
+
+    def label(self, checkpoint: int) -> str:
+        if checkpoint == self.num_checkpoints - 1:
+            return f"final checkpoint {checkpoint}"
+        return f"checkpoint {checkpoint} (segment {self.segment_of(checkpoint)})"
+
+    # ------------------------------------------------------------------ computation
+    def load(self, checkpoint: int) -> dict:
+        return self._loader(checkpoint)
+
+    def split(self, checkpoint: int) -> tuple[dict, dict]:
+        """``(attributed parameters, the rest)`` of a checkpoint, on the device."""
+        return self.computer.split(self.load(checkpoint), self.device)
+
+    def parameters(self, checkpoint: int) -> tuple[dict, dict]:
+        """:meth:`split`, kept in memory (query checkpoints are used for every query batch)."""
+        if checkpoint not in self._parameters:
+            self._parameters[checkpoint] = self.split(checkpoint)
+        return self._parameters[checkpoint]
+
+    def bind(self, example: torch.Tensor) -> None:
+        """Lay out the projection on the model (once), checked on a few example inputs."""
+        if self._bound:
+            return
+        trainable, fixed = self.parameters(self.num_checkpoints - 1)
+        x, _ = self.computer.prepare(trainable, example[:2], torch.zeros(0))
+        with self.computer.evaluating():
+            self.gradients.bind({**trainable, **fixed}, x)
+        self._bound = True
+        expected = getattr(self, "_expected_projector", None)
+        if expected is not None:
+            shown = metadata_differences(expected, self.projector.describe(), ("in the store", "now"))
+            if shown:
+                raise StoreMismatchError(f"the projector does not match the store's ({shown}); pass the projector "
+                                         "the store was featurized with")
+
+    def _probe_outputs(self) -> int:
+        trainable, fixed = self.parameters(self.num_checkpoints - 1)
+        num_outputs = 0
+        for source in self.sources:
+            x, _ = source.rows(0, 1)
+            x, _ = self.computer.prepare(trainable, x, torch.zeros(0))
+            with torch.no_grad(), self.computer.evaluating():
+                try:
+                    outputs = self.computer.forward(trainable, fixed, x)
+                except DataError as exc:
+                    raise DataError(f"{source.what}: {exc}") from None
+            if outputs.ndim < 2 or outputs.shape[0] != 1:
+                raise DataError(f"{source.what}: the model returned shape {tuple(outputs.shape)} for one "
+                                "example; it must return (batch, outputs)")
+            num_outputs = int(outputs[0].numel())
+        return num_outputs
+
+    def projected(self, params: tuple[dict, dict], source: ExampleSource, start: int, stop: int, batch_size: int,
+                  kind: str, label: str) -> torch.Tensor:
+        """Projected per-example gradients of rows ``start..stop-1``, checked finite."""
+        trainable, fixed = params
+        parts = []
+        for lo in range(start, stop, batch_size):
+            hi = min(lo + batch_size, stop)
+            x, y = source.rows(lo, hi)
+            if not self._bound:
+                self.bind(x)
+            try:
+                features = self.gradients.features(trainable, fixed, x, y, kind)
+            except DataError as exc:  # name the data set
+                raise DataError(f"{source.what}, examples {lo}..{hi - 1}: {exc}") from None
+            check_finite_rows(features, lo, f"{label}: the gradient of example {{row}} of {source.what}",
+                              "check that checkpoint for NaN weights and that example for NaN inputs")
+            parts.append(features.detach())
+        return torch.cat(parts)
+
+    def measurement_features(self, source: ExampleSource, start: int, stop: int, batch_size: int,
+                             mode: str | Sequence[int]) -> np.ndarray:
+        """ψ of rows ``start..stop-1``, averaged over the query checkpoints of ``mode``
+        ("final", "last_segment") or over the given checkpoint indices."""
+        indices = self.query_checkpoints(mode) if isinstance(mode, str) else list(mode)
+        total = None
+        with self.computer.evaluating():
+            for index in indices:
+                rows = self.projected(self.parameters(index), source, start, stop, batch_size, "measurement",
+                                      self.label(index)).to("cpu", torch.float64)
+                total = rows if total is None else total + rows
+        return (total / len(indices)).numpy().astype(self.cache_dtype)
+
+    def query_source(self, queries: Any) -> ExampleSource:
+        """The query set, validated against the task."""
+        source = ExampleSource(queries, "the query set")
+        self.task.validate_targets(source.all_targets(), self.num_outputs, source.what)
+        return source
+
+    def fisher_generator(self, checkpoint: int, chunk: int) -> torch.Generator:
+        """The label sampler of one checkpoint's row chunk: the same whichever rank computes it."""
+        seed = int(self.projector.describe().get("seed", 0))
+        words = np.random.SeedSequence([seed % (1 << 64), checkpoint, chunk]).generate_state(2, dtype=np.uint32)
+        return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+
+
+def check_finite_rows(rows: torch.Tensor, offset: int, what: str, fix: str) -> None:
+    """Raise :class:`NonFiniteGradientError` naming the first row (``offset`` + index) with NaN or inf."""
+    finite = torch.isfinite(rows.reshape(rows.shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        first = offset + int(torch.nonzero(~finite)[0, 0])
+        raise NonFiniteGradientError(f"{what.format(row=first)} is NaN or inf; {fix}")

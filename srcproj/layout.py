@@ -1,0 +1,357 @@
+"""The store layout: the one place that names, creates and inspects a store's arrays.
+
+Layout (``c`` a checkpoint in training order, ``l`` a segment)::
+
+    zarr.json                      what the store was made for (checked on every reopen),
+                                   and the inputs each stage was computed with
+    features/ckpt_{c}              (N_l, k) training features, float16 by default
+    features/ckpt_{c}_done         (n_chunks,) which row chunks are durably written
+    hessians/ckpt_{c}              (k, k) float64 projected Gauss-Newton Hessian
+    hessians/done                  (n_checkpoints,)
+    segments/seg_{l}/eigenvalues   (k,) of the segment's mean Hessian + wd·I
+    segments/seg_{l}/eigenvectors  (k, k)
+    segments/done                  (n_segments,)
+    caches/seg_{l}                 (N_l, k) Ḡ_l W_lᵀ, float32 (float64 with float64 features)
+    caches/seg_{l}_done            (n_chunks,)
+    query/ckpt_{c}                 the bytes of a query checkpoint's state (the last segment's)
+    query/done                     (n_checkpoints,)
+
+Every unit of work (a row chunk, a checkpoint's Hessian, a segment's spectrum) is written
+first and flagged after, so a killed job leaves each unit finished or redone. A stage's
+partial results would be stored the same way: an array plus its flags.
+
+**Stage inputs.** Beside the metadata that identifies the store (model, checkpoints,
+data, projection: a change is refused), the store records the inputs of the stages that
+may be recomputed in place: the spectra depend on the weight decay, the caches on the
+segments' times (steps, learning rates, momentum) and sizes. When a store is reopened
+with other stage inputs, :meth:`StoreLayout.reconcile` clears the flags of the stage
+that changed and of every stage after it, then records the new inputs; the next
+featurize recomputes exactly those.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+import numpy as np
+import torch
+import zarr
+
+from .errors import StoreError
+from .store import AttributionStore, metadata_differences
+
+__all__ = ["STAGES", "StoreLayout", "features", "features_done", "hessian", "HESSIANS_DONE", "eigenvalues",
+           "eigenvectors", "SPECTRA_DONE", "cache", "cache_done", "query_checkpoint", "QUERY_DONE"]
+
+#: The stages of featurization, in order; a stage depends on every stage before it.
+STAGES = ("features", "hessians", "spectra", "caches")
+#: Attribute of the store's group that holds the recorded inputs of each stage.
+STAGE_INPUTS = "srcproj_stage_inputs"
+
+HESSIANS_DONE = "hessians/done"
+SPECTRA_DONE = "segments/done"
+QUERY_DONE = "query/done"
+_QUERY_CHUNK_BYTES = 16 << 20
+
+
+def features(checkpoint: int) -> str:
+    return f"features/ckpt_{checkpoint}"
+
+
+def features_done(checkpoint: int) -> str:
+    return f"features/ckpt_{checkpoint}_done"
+
+
+def hessian(checkpoint: int) -> str:
+    return f"hessians/ckpt_{checkpoint}"
+
+
+def eigenvalues(segment: int) -> str:
+    return f"segments/seg_{segment}/eigenvalues"
+
+
+def eigenvectors(segment: int) -> str:
+    return f"segments/seg_{segment}/eigenvectors"
+
+
+def cache(segment: int) -> str:
+    return f"caches/seg_{segment}"
+
+
+def cache_done(segment: int) -> str:
+    return f"caches/seg_{segment}_done"
+
+
+def query_checkpoint(checkpoint: int) -> str:
+    return f"query/ckpt_{checkpoint}"
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What the layout needs from the metadata: sizes, chunking and dtypes."""
+
+    proj_dim: int
+    chunk_size: int
+    feature_dtype: str
+    segment_sizes: tuple[int, ...]
+    checkpoint_segments: tuple[int, ...]
+
+    @classmethod
+    def of(cls, metadata: dict) -> _Shape:
+        segments = metadata.get("segments", [])
+        owners = tuple(s for s, info in enumerate(segments) for _ in info.get("checkpoints", []))
+        return cls(int(metadata.get("proj_dim", 0)), int(metadata.get("chunk_size", 1024)),
+                   str(metadata.get("feature_dtype", "float16")),
+                   tuple(int(info.get("num_examples", 0)) for info in segments), owners)
+
+
+class StoreLayout:
+    """The arrays and flags of one :class:`~srcproj.store.AttributionStore`.
+
+    Everything is derived from the store's metadata (sizes, chunking, dtypes), so a
+    layout can be built for any store, also one opened without a model
+    (``srcproj info``).
+    """
+
+    def __init__(self, store: AttributionStore) -> None:
+        self.store = store
+        self.shape = _Shape.of(store.metadata)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def proj_dim(self) -> int:
+        return self.shape.proj_dim
+
+    @property
+    def num_checkpoints(self) -> int:
+        return len(self.shape.checkpoint_segments)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.shape.segment_sizes)
+
+    @property
+    def feature_dtype(self) -> str:
+        return self.shape.feature_dtype
+
+    @property
+    def cache_dtype(self) -> str:
+        return "float64" if self.shape.feature_dtype == "float64" else "float32"
+
+    def segment_of(self, checkpoint: int) -> int:
+        return self.shape.checkpoint_segments[checkpoint]
+
+    def members(self, segment: int) -> list[int]:
+        """The checkpoints saved in ``segment``."""
+        return [c for c, s in enumerate(self.shape.checkpoint_segments) if s == segment]
+
+    def rows(self, segment: int) -> int:
+        return self.shape.segment_sizes[segment]
+
+    def chunks(self, segment: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` of every row chunk of a segment's data: the unit of resumption."""
+        rows, size = self.rows(segment), self.shape.chunk_size
+        return [(s, min(s + size, rows)) for s in range(0, rows, size)]
+
+    # ------------------------------------------------------------------ arrays
+    def features(self, checkpoint: int) -> zarr.Array:
+        rows, k = self.rows(self.segment_of(checkpoint)), self.proj_dim
+        return self.store.array(features(checkpoint), (rows, k), self.feature_dtype,
+                                chunks=(self.shape.chunk_size, k))
+
+    def feature_flags(self, checkpoint: int) -> zarr.Array:
+        return self.store.flags(features_done(checkpoint), len(self.chunks(self.segment_of(checkpoint))))
+
+    def hessian(self, checkpoint: int) -> zarr.Array:
+        return self.store.array(hessian(checkpoint), (self.proj_dim, self.proj_dim), "float64")
+
+    def hessian_flags(self) -> zarr.Array:
+        return self.store.flags(HESSIANS_DONE, self.num_checkpoints)
+
+    def spectrum(self, segment: int) -> tuple[zarr.Array, zarr.Array]:
+        k = self.proj_dim
+        return (self.store.array(eigenvalues(segment), (k,), "float64"),
+                self.store.array(eigenvectors(segment), (k, k), "float64"))
+
+    def spectrum_flags(self) -> zarr.Array:
+        return self.store.flags(SPECTRA_DONE, self.num_segments)
+
+    def cache(self, segment: int) -> zarr.Array:
+        k = self.proj_dim
+        return self.store.array(cache(segment), (self.rows(segment), k), self.cache_dtype,
+                                chunks=(self.shape.chunk_size, k))
+
+    def cache_flags(self, segment: int) -> zarr.Array:
+        return self.store.flags(cache_done(segment), len(self.chunks(segment)))
+
+    def query_flags(self) -> zarr.Array:
+        return self.store.flags(QUERY_DONE, self.num_checkpoints)
+
+    def create(self) -> None:
+        """Create every array featurize writes (in a distributed job rank 0 does, first)."""
+        for c in range(self.num_checkpoints):
+            self.features(c)
+            self.feature_flags(c)
+            self.hessian(c)
+        self.hessian_flags()
+        for seg in range(self.num_segments):
+            self.spectrum(seg)
+            self.cache(seg)
+            self.cache_flags(seg)
+        self.spectrum_flags()
+        self.query_flags()
+
+    # ------------------------------------------------------------------ reading
+    def read_features(self, checkpoint: int, start: int, stop: int) -> np.ndarray:
+        return self.store.read_rows(features(checkpoint), start, stop)
+
+    def read_hessian(self, checkpoint: int) -> np.ndarray:
+        return self.store.read_all(hessian(checkpoint))
+
+    def read_spectrum(self, segment: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.store.read_all(eigenvalues(segment)), self.store.read_all(eigenvectors(segment))
+
+    def read_cache(self, segment: int, start: int, stop: int) -> np.ndarray:
+        return self.store.read_rows(cache(segment), start, stop)
+
+    def cache_names(self, segments: list[int]) -> list[str]:
+        """Array names of the caches of ``segments`` (for a streamed reader over the store)."""
+        return [cache(s) for s in segments]
+
+    def _flags(self, name: str, count: int) -> np.ndarray:
+        """Done flags of ``name``; an array never created means nothing of it is done."""
+        if not self.store.has(name):
+            return np.zeros(count, dtype=bool)
+        flags = np.asarray(self.store.read_all(name), dtype=bool)
+        return np.pad(flags[:count], (0, max(0, count - flags.shape[0])))
+
+    def features_done(self, checkpoint: int) -> np.ndarray:
+        return self._flags(features_done(checkpoint), len(self.chunks(self.segment_of(checkpoint))))
+
+    def hessians_done(self) -> np.ndarray:
+        return self._flags(HESSIANS_DONE, self.num_checkpoints)
+
+    def spectra_done(self) -> np.ndarray:
+        return self._flags(SPECTRA_DONE, self.num_segments)
+
+    def caches_done(self, segment: int) -> np.ndarray:
+        return self._flags(cache_done(segment), len(self.chunks(segment)))
+
+    def is_complete(self) -> bool:
+        """Whether every cache chunk is in the store (what scoring needs)."""
+        return self.num_segments > 0 and all(bool(self.caches_done(s).all()) for s in range(self.num_segments))
+
+    def completion(self) -> dict:
+        """Counts of finished units per stage, as ``[done, total]`` pairs."""
+        feature_chunks, checkpoints_done = [0, 0], [0, 0]
+        for c in range(self.num_checkpoints):
+            done = self.features_done(c)
+            feature_chunks[0] += int(done.sum())
+            feature_chunks[1] += done.size
+            checkpoints_done[0] += bool(done.all())
+            checkpoints_done[1] += 1
+        cache_chunks, caches_done = [0, 0], [0, 0]
+        for seg in range(self.num_segments):
+            done = self.caches_done(seg)
+            cache_chunks[0] += int(done.sum())
+            cache_chunks[1] += done.size
+            caches_done[0] += bool(done.all())
+            caches_done[1] += 1
+        return {
+            "features": {"checkpoints": checkpoints_done, "chunks": feature_chunks},
+            "hessians": [int(self.hessians_done().sum()), self.num_checkpoints],
+            "spectra": [int(self.spectra_done().sum()), self.num_segments],
+            "caches": {"segments": caches_done, "chunks": cache_chunks},
+            "complete": self.is_complete(),
+        }
+
+    # ------------------------------------------------------------------ stage inputs
+    def stage_inputs(self) -> dict:
+        """The inputs each stage was last computed with, as recorded in the store."""
+        return dict(self.store.group.attrs.get(STAGE_INPUTS, {}))
+
+    def stale(self, wanted: dict[str, dict]) -> list[str]:
+        """The stages whose results were computed with other inputs than ``wanted``:
+        the first stage that differs and every stage after it (nothing is changed)."""
+        recorded = json.loads(json.dumps(self.stage_inputs()))
+        if not recorded:
+            return []
+        wanted = json.loads(json.dumps(wanted))
+        first = next((i for i, stage in enumerate(STAGES)
+                      if stage in wanted and metadata_differences(recorded.get(stage, {}), wanted[stage])), None)
+        return [] if first is None else list(STAGES[first:])
+
+    def changes(self, wanted: dict[str, dict]) -> str:
+        """The recorded stage inputs that differ from ``wanted``, as one line."""
+        recorded = json.loads(json.dumps(self.stage_inputs()))
+        return metadata_differences(recorded, json.loads(json.dumps(wanted)))
+
+    def reconcile(self, wanted: dict[str, dict]) -> list[str]:
+        """Make the store's stages agree with ``wanted`` (stage name → its inputs).
+
+        The first stage whose recorded inputs differ, and every stage after it, lose
+        their done flags; then ``wanted`` is recorded. Returns the invalidated stages.
+        Clearing comes first: a job killed in between finds the old inputs recorded
+        and clears again, never stale results flagged done under new inputs.
+        """
+        recorded = json.loads(json.dumps(self.stage_inputs()))
+        wanted = json.loads(json.dumps(wanted))
+        invalid = self.stale(wanted)
+        for stage in invalid:
+            self._clear(stage)
+        if recorded != wanted:
+            self.store.group.attrs[STAGE_INPUTS] = wanted
+        return invalid
+
+    def _clear(self, stage: str) -> None:
+        names: list[tuple[str, int]] = []
+        if stage == "features":
+            names = [(features_done(c), len(self.chunks(self.segment_of(c)))) for c in range(self.num_checkpoints)]
+        elif stage == "hessians":
+            names = [(HESSIANS_DONE, self.num_checkpoints)]
+        elif stage == "spectra":
+            names = [(SPECTRA_DONE, self.num_segments)]
+        elif stage == "caches":
+            names = [(cache_done(s), len(self.chunks(s))) for s in range(self.num_segments)]
+        for name, count in names:
+            if self.store.has(name):
+                self.store.flags(name, count)[:] = False
+
+    # ------------------------------------------------------------------ query checkpoints
+    def save_checkpoint(self, checkpoint: int, state: dict[str, torch.Tensor], digest: str) -> None:
+        """Keep a query checkpoint's tensors in the store (for scoring after a reopen)."""
+        entries, parts, offset = [], [], 0
+        for name, tensor in state.items():
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            entries.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), offset, raw.size])
+            parts.append(raw)
+            offset += raw.size
+        data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+        name = query_checkpoint(checkpoint)
+        if self.store.has(name):
+            del self.store.group[name]
+        array = self.store.group.create_array(name, shape=(max(1, data.size),), dtype="uint8",
+                                              chunks=(min(max(1, data.size), _QUERY_CHUNK_BYTES),),
+                                              compressors=self.store.compressors(), fill_value=0,
+                                              attributes={"tensors": entries, "digest": digest})
+        self.store.write_durably(array, slice(0, data.size), data)
+        self.query_flags()[checkpoint] = True
+
+    def has_checkpoint(self, checkpoint: int) -> bool:
+        return bool(self._flags(QUERY_DONE, self.num_checkpoints)[checkpoint])
+
+    def load_checkpoint(self, checkpoint: int) -> tuple[dict[str, torch.Tensor], str]:
+        """A saved query checkpoint's state and the digest it was saved with."""
+        if not self.has_checkpoint(checkpoint):
+            raise StoreError(f"checkpoint {checkpoint} is not saved in the store {self.store.location!r}: only the "
+                             "last segment's checkpoints are, once featurize() has run")
+        name = query_checkpoint(checkpoint)
+        data = self.store.read_all(name)
+        attrs = self.store.group[name].attrs
+        state = {}
+        for tensor_name, dtype, shape, offset, size in attrs["tensors"]:
+            raw = torch.from_numpy(data[offset:offset + size].copy())
+            state[tensor_name] = raw.view(getattr(torch, dtype)).reshape(shape)
+        return state, str(attrs["digest"])
