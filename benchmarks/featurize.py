@@ -242,7 +242,8 @@ def main() -> None:
     name = args.models[0]
     print(f"== srcproj peak memory of a whole featurize() against N ({name}, k = {args.proj_dim}, float16 store, "
           "hessian='empirical', chunk_size 1024); 'data' is the training set this script holds in memory")
-    for projection, sizes, batch in (("factored", args.sizes, args.large_batch), ("dense", args.dense_sizes, args.batch)):
+    runs = (("factored", args.sizes, args.large_batch), ("dense", args.dense_sizes, args.batch))
+    for projection, sizes, batch in runs:
         for n in sizes:
             r = _run({"model": name, "examples": n, "proj_dim": args.proj_dim, "what": "featurize",
                       "tool": "srcproj", "projection": projection, "batch": batch,

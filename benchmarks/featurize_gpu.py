@@ -42,8 +42,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-import torch
-from featurize import _data, _model
+import torch  # noqa: E402 - after the sys.path set-up above
+from featurize import _data, _model  # noqa: E402
 
 
 def _sync() -> None:

@@ -131,7 +131,7 @@ def train_models(scenario: Scenario, masks: np.ndarray, seeds: np.ndarray, proto
     if len(counts) != 1:
         raise ValueError("every model of one call must keep the same number of examples")
     M = len(seeds)
-    params = [torch.stack(t) for t in zip(*[_init(int(s)) for s in seeds])]
+    params = [torch.stack(t) for t in zip(*[_init(int(s)) for s in seeds], strict=False)]
     saved: dict[int, list[list[torch.Tensor]]] = {}
     for stage_index, stage in enumerate(scenario.stages):
         if stage.target:
@@ -160,7 +160,7 @@ def train_models(scenario: Scenario, masks: np.ndarray, seeds: np.ndarray, proto
             loss = F.cross_entropy(logits.reshape(-1, 10), y.reshape(-1), reduction="sum") / x.shape[1]
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
-                for p, g, buf in zip(params, grads, buffers):
+                for p, g, buf in zip(params, grads, buffers, strict=False):
                     buf.mul_(MOMENTUM).add_(g + WEIGHT_DECAY * p)
                     p.sub_(stage.lr * buf)
             params = [p.detach() for p in params]
@@ -172,7 +172,7 @@ def train_models(scenario: Scenario, masks: np.ndarray, seeds: np.ndarray, proto
 def state_dicts(params: list[torch.Tensor]) -> list[dict]:
     """Per model, a state_dict that :func:`srcproj.demo.make_mlp` loads."""
     names = [name for layer in LAYERS for name in layer]
-    return [{name: p[i].clone() for name, p in zip(names, params)} for i in range(params[0].shape[0])]
+    return [{name: p[i].clone() for name, p in zip(names, params, strict=False)} for i in range(params[0].shape[0])]
 
 
 def margins(params: list[torch.Tensor], X: torch.Tensor, y: torch.Tensor) -> np.ndarray:

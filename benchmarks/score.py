@@ -35,6 +35,7 @@ import zarr
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from srcproj import layout as names
 from srcproj.scoring import (
     DEFAULT_MEMORY_BYTES,
     Queries,
@@ -44,7 +45,6 @@ from srcproj.scoring import (
     store_cache,
     top_k,
 )
-from srcproj import layout as names
 from srcproj.store import AttributionStore, compressors
 
 ARRAY = names.cache(0)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         built = make_store(path, args.train, args.dim, args.chunk, seed=0)
         store = AttributionStore.read(path)
-        print(f"store: {path} ({'built in %.1f s' % built if built else 'reused'}, "
+        print(f"store: {path} ({f'built in {built:.1f} s' if built else 'reused'}, "
               f"{store.nbytes_stored() / 1e6:,.0f} MB on disk, {args.train * args.dim * 4 / 1e6:,.0f} MB raw)")
         cache = store_cache(read_only(store), [ARRAY], "float32")
         rng = np.random.default_rng(1)

@@ -343,7 +343,8 @@ def _reference_scores(checkpoints, x_train, y_train, x_query, y_query, proj_dim,
     return textbook / M, (kernel_sum / M) * (q_sum / M)[None, :]
 
 
-def _label_agreement(scores: np.ndarray, y_train: np.ndarray, y_query: np.ndarray, top: int = 10) -> tuple[float, float]:
+def _label_agreement(scores: np.ndarray, y_train: np.ndarray, y_query: np.ndarray,
+                     top: int = 10) -> tuple[float, float]:
     """Fraction of each query's ``top`` highest- and lowest-scored training examples
     that share its label, averaged over queries."""
     order = np.argsort(-scores, axis=1)
@@ -378,7 +379,8 @@ def _main() -> None:
     checkpoints = []
     for m in range(args.models):
         net = make_mlp(seed=m)
-        checkpoints += train_sgd(net, x_train, y_train, steps=args.steps, lr=args.lr, seed=m, checkpoint_at=[args.steps])
+        checkpoints += train_sgd(net, x_train, y_train, steps=args.steps, lr=args.lr, seed=m,
+                                 checkpoint_at=[args.steps])
         with torch.no_grad():
             acc = float((net(x_test).argmax(1) == y_test).float().mean())
         print(f"model {m}: test accuracy {acc:.3f}")

@@ -53,9 +53,9 @@ def main(store: str, proj_dim: int) -> None:
     for q in range(3):
         print(f"\ntest digit {q} (label {int(y_test[q])})")
         helpful = ", ".join(f"#{i} ({int(y_train[i])}) {s:+.3f}"
-                            for i, s in zip(top.helpful_indices[q], top.helpful_scores[q]))
+                            for i, s in zip(top.helpful_indices[q], top.helpful_scores[q], strict=False))
         harmful = ", ".join(f"#{i} ({int(y_train[i])}) {s:+.3f}"
-                            for i, s in zip(top.harmful_indices[q], top.harmful_scores[q]))
+                            for i, s in zip(top.harmful_indices[q], top.harmful_scores[q], strict=False))
         print(f"  helpful: {helpful}")
         print(f"  harmful: {harmful}")
 

@@ -230,8 +230,9 @@ class Attributor(AttributionMethod):
     def require_featurized(self) -> None:
         """Raise :class:`~srcproj.errors.StoreError` unless the store is ready to score."""
         if self._stage_inputs is not None and self.layout.stale(self._stage_inputs):
-            raise StoreError(f"the store's caches were made with other inputs ({self.layout.changes(self._stage_inputs)}"
-                             "): run featurize() to recompute what depends on them")
+            changes = self.layout.changes(self._stage_inputs)
+            raise StoreError(f"the store's caches were made with other inputs ({changes}): run featurize() to "
+                             "recompute what depends on them")
         if not self.layout.is_complete():
             raise StoreError("the store is not complete: run featurize() first (it resumes where it stopped)")
 

@@ -14,8 +14,6 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from . import __version__
 from .demo import format_bytes
 from .errors import SrcprojError, StoreMismatchError

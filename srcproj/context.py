@@ -157,7 +157,7 @@ class AttributionContext:
             given = list(data) if isinstance(data, list) else [data]
             if len(given) > len(owners):
                 raise ConfigurationError(f"data has {len(given)} data sets; the store has {len(owners)}")
-            for owner, item in zip(owners, given):
+            for owner, item in zip(owners, given, strict=False):
                 source = ExampleSource(item, f"segment {owner}'s data")
                 info = segments[owner]
                 if len(source) != int(info["num_examples"]) or source.fingerprint() != info["data_fingerprint"]:

@@ -329,7 +329,7 @@ def run_demo(
         out(f"query: test example {q}, label {label}")
         out(f"  {'most helpful':<31}most harmful")
         out(f"  {'train':>6} {'label':>5} {'score':>11}       {'train':>6} {'label':>5} {'score':>11}")
-        for (hi, hl, hs), (ai, al, as_) in zip(entry["helpful"], entry["harmful"]):
+        for (hi, hl, hs), (ai, al, as_) in zip(entry["helpful"], entry["harmful"], strict=False):
             out(f"  {hi:>6} {hl:>5} {hs:>+11.3e}       {ai:>6} {al:>5} {as_:>+11.3e}")
 
     store_bytes = attr.store.nbytes_stored()

@@ -8,8 +8,8 @@ and time ``a`` forgets with ``S = exp(-aH)`` and accumulates with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -60,7 +60,7 @@ def _differences(stored: Any, wanted: Any, path: str = "",
         if len(stored) != len(wanted):
             return [f"{path}: {len(stored)} entries {here}, {len(wanted)} {there}"]
         out = []
-        for i, (a, b) in enumerate(zip(stored, wanted)):
+        for i, (a, b) in enumerate(zip(stored, wanted, strict=False)):
             out.extend(_differences(a, b, f"{path}[{i}]", where))
         return out
     if isinstance(stored, float) or isinstance(wanted, float):
@@ -124,7 +124,7 @@ class AttributionStore:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, location: Any, metadata: dict, create: bool = True) -> "AttributionStore":
+    def open(cls, location: Any, metadata: dict, create: bool = True) -> AttributionStore:
         """Open ``location``, creating the store if absent; refuse one made for other inputs.
 
         ``location`` is a directory path, any zarr store URL (``"memory://run"``,
@@ -207,7 +207,7 @@ class AttributionStore:
         return opened
 
     @classmethod
-    def read(cls, location: Any) -> "AttributionStore":
+    def read(cls, location: Any) -> AttributionStore:
         """Open an existing store without checking it against a model."""
         local = local_path(location)
         if local is not None and os.path.isfile(local):

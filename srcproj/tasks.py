@@ -60,8 +60,8 @@ class Task(ABC):
             "hessian='exact' or hessian='empirical'"
         )
 
-    def validate_targets(self, targets: Tensor, num_outputs: int, what: str) -> None:
-        """Raise :class:`DataError` when ``targets`` cannot belong to this task."""
+    def validate_targets(self, targets: Tensor, num_outputs: int, what: str) -> None:  # noqa: B027 - optional hook
+        """Raise :class:`DataError` when ``targets`` cannot belong to this task (default: accept)."""
 
     def describe(self) -> dict:
         """A JSON-able description recorded in the store (a mismatch is refused on reopen)."""

@@ -43,7 +43,7 @@ def gauss_newton(model, state, names, task, X, y) -> np.ndarray:
     theta0 = flat_params(state, names)
     total = np.zeros((theta0.numel(), theta0.numel()))
     for i in range(X.shape[0]):
-        def outputs(theta):
+        def outputs(theta, i=i):
             return functional_call(model, _unflatten(theta, state, names), (X[i : i + 1],)).reshape(-1)
 
         jac = torch.autograd.functional.jacobian(outputs, theta0).numpy()  # (C, p)

@@ -106,7 +106,7 @@ def test_tracin_sums_learning_rate_weighted_dot_products(setup):
     task = ClassificationTask()
     expected = 0.0
     # Data A trained in segments 0 (lr 0.05) and 2 (lr 0.1): their four checkpoints.
-    for state, lr in zip(s["states"][0:2] + s["states"][4:6], [0.05, 0.05, 0.1, 0.1]):
+    for state, lr in zip(s["states"][0:2] + s["states"][4:6], [0.05, 0.05, 0.1, 0.1], strict=False):
         psi = _grads(s, state, task.measurement, *s["query"])
         expected = expected - lr * psi @ _grads(s, state, task.loss, *s["a"]).T
     np.testing.assert_allclose(TracIn(s["attr"]).score(s["query"]), expected, rtol=1e-6, atol=1e-12)
@@ -177,7 +177,8 @@ def test_representation_similarity_is_cosine_of_the_layer(setup):
     s = setup
     final = s["states"][-1]
     with torch.no_grad():
-        hidden = lambda X: torch.tanh(X @ final["0.weight"].T + final["0.bias"])
+        def hidden(X):
+            return torch.tanh(X @ final["0.weight"].T + final["0.bias"])
         train = torch.nn.functional.normalize(hidden(s["a"][0]), dim=1)
         query = torch.nn.functional.normalize(hidden(s["query"][0]), dim=1)
     np.testing.assert_allclose(RepresentationSimilarity(s["attr"], "1").score(s["query"]),
@@ -254,7 +255,7 @@ def test_self_influence_of_tracin_trak_and_ensembles(setup):
     s = setup
     task = ClassificationTask()
     expected = 0.0
-    for state, lr in zip(s["states"][0:2] + s["states"][4:6], [0.05, 0.05, 0.1, 0.1]):
+    for state, lr in zip(s["states"][0:2] + s["states"][4:6], [0.05, 0.05, 0.1, 0.1], strict=False):
         psi = _grads(s, state, task.measurement, *s["a"])
         expected = expected - lr * np.einsum("np,np->n", psi, _grads(s, state, task.loss, *s["a"]))
     tracin = TracIn(s["attr"])

@@ -34,7 +34,7 @@ def test_lds_benchmark_smoke(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     results = json.loads((tmp_path / "a.json").read_text())
     assert set(results["scenarios"]) == {"converged", "noisy-short", "two-stage"}
-    for name, entry in results["scenarios"].items():
+    for _name, entry in results["scenarios"].items():
         rows = entry["lds"]
         for method in ["SOURCE", "same label", *methods]:
             for protocol in ("steps", "epochs"):

@@ -226,7 +226,7 @@ def test_demo_helpers_are_deterministic_and_leave_global_state_alone():
         runs.append(train_sgd(model, X, y, steps=5, lr=0.1, seed=4, checkpoint_at=[5, 2]))
     assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads
     assert len(runs[0]) == 2
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=False):
         assert all(torch.equal(a[key], b[key]) for key in a)
     # Saved states are copies taken after 2 and 5 steps, not views of the live weights.
     assert not torch.equal(runs[0][0]["0.weight"], runs[0][1]["0.weight"])

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import build_tiny_run
+
 from srcproj import (
     CheckpointMismatchError,
     ConfigurationError,
@@ -638,7 +638,7 @@ def test_score_on_a_partly_featurized_store(tiny_run, store):
 def test_errors_from_a_fresh_process_copy(tiny_run):
     """The fixtures are deterministic: a rebuilt run is identical (the resume tests rely on it)."""
     rebuilt = build_tiny_run()
-    for a, b in zip(rebuilt.checkpoints, tiny_run.checkpoints):
+    for a, b in zip(rebuilt.checkpoints, tiny_run.checkpoints, strict=False):
         for key in a:
             assert torch.equal(a[key], b[key])
     assert torch.equal(rebuilt.X, tiny_run.X) and torch.equal(rebuilt.y, tiny_run.y)

@@ -344,7 +344,7 @@ def fake_train(keep_mask: np.ndarray, seed: int, log_path: str | None = None) ->
     if log_path is not None:
         with open(log_path, "a") as handle:
             handle.write(f"{seed}:{','.join(map(str, removed))}\n")
-    margins = [(t - 0.5 - np.isin(removed, support).sum()) / t for support, t in zip(SUPPORTS, THRESHOLDS)]
+    margins = [(t - 0.5 - np.isin(removed, support).sum()) / t for support, t in zip(SUPPORTS, THRESHOLDS, strict=False)]
     return np.asarray(margins) + 0.3 * (seed - 1)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-
 from conftest import tiny_mlp
+
 from srcproj import (
     Attributor,
     ClassificationTask,

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import assert_scores_close
+
 from srcproj import layout as names
 
 pytestmark = pytest.mark.usefixtures("single_thread")

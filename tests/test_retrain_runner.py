@@ -18,7 +18,7 @@ def fake_train(mask: np.ndarray, seed: int) -> np.ndarray:
 
 
 def fake_batched(masks: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-    return np.stack([fake_train(m, int(s)) for m, s in zip(masks, seeds)])
+    return np.stack([fake_train(m, int(s)) for m, s in zip(masks, seeds, strict=False)])
 
 
 class Interrupt(Exception):

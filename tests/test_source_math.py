@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import bruteforce
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import bruteforce
 from srcproj import Attributor, ClassificationTask, MatrixProjector, RegressionTask, Segment, Trajectory
 from srcproj import layout as names
 from srcproj.source import accumulate_spectrum, forget_spectrum

@@ -58,7 +58,7 @@ class RemovalResult:
         head = f"fraction of {num_queries} queries flipped"
         width = max(len("removed at most"), *(len(str(s)) for s in self.sizes))
         lines = [head, f"{'removed at most':>{width}} | method | random"]
-        for size, ours, rand in zip(self.sizes, self.flipped, self.random_flipped):
+        for size, ours, rand in zip(self.sizes, self.flipped, self.random_flipped, strict=False):
             lines.append(f"{size:>{width}} | {ours:6.3f} | {rand:6.3f}")
         return "\n".join(lines)
 

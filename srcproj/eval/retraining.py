@@ -88,8 +88,8 @@ def _run_group(job: tuple[TrainFunction, list[np.ndarray], list[int], list[str |
             raise DataError(f"the batched train_fn returned shape {outs.shape} for {len(masks)} models; "
                             "it must return (models, queries)")
     else:
-        outs = [np.asarray(train_fn(m, s), dtype=np.float64) for m, s in zip(masks, seeds)]
-    for path, out in zip(paths, outs):
+        outs = [np.asarray(train_fn(m, s), dtype=np.float64) for m, s in zip(masks, seeds, strict=False)]
+    for path, out in zip(paths, outs, strict=False):
         if path is not None:
             _save(path, out)
     return list(outs)
@@ -176,8 +176,8 @@ def retrain(
             pool = multiprocessing.get_context("spawn").Pool(processes, initializer=_worker_init)
             outputs = pool.imap(_run_group, jobs)
         try:
-            for group_keys, outs in zip(key_groups, outputs):
-                for key, out in zip(group_keys, outs):
+            for group_keys, outs in zip(key_groups, outputs, strict=False):
+                for key, out in zip(group_keys, outs, strict=False):
                     results[key] = out
                 bar.update(len(group_keys))
         finally:
