@@ -12,6 +12,7 @@ from .errors import (
     StoreError,
     StoreMismatchError,
 )
+from .method import AttributionMethod
 from .projection import FastJLProjector, KroneckerProjector, MatrixProjector, Projector, RademacherProjector
 from .scoring import TopK
 from .tasks import ClassificationTask, RegressionTask, Task
@@ -19,6 +20,7 @@ from .trajectory import Segment, Trajectory
 
 __all__ = [
     "Attributor",
+    "AttributionMethod",
     "FeaturizeReport",
     "Segment",
     "Trajectory",
