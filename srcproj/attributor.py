@@ -23,7 +23,7 @@ from .layout import StoreLayout
 from .method import AttributionMethod, Source
 from .pipeline import FeaturizeReport, featurize
 from .projection import Projector, RademacherProjector
-from .scoring import DEFAULT_MEMORY_BYTES, BlockReader, Cache, Queries, TopK
+from .scoring import DEFAULT_MEMORY_BYTES, BlockReader, Cache, Queries, TopK, check_memory_bytes
 from .source import SegmentSpectrum
 from .store import AttributionStore
 from .tasks import Task
@@ -237,9 +237,12 @@ class Attributor(AttributionMethod):
             raise StoreError("the store is not complete: run featurize() first (it resumes where it stopped)")
 
     # ------------------------------------------------------------------ scoring
-    def source_method(self, segments: Sequence[int] | None = None) -> Source:
-        """SOURCE over the cached training features of ``segments`` (one data set)."""
+    def source_method(self, segments: Sequence[int] | None = None,
+                      score_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> Source:
+        """SOURCE over the cached training features of ``segments`` (one data set), checked
+        ready to score."""
         selected = self.context.selection(segments)
+        check_memory_bytes(score_memory_bytes)
         self.require_featurized()
         return Source(self.context, self.layout, self.query, selected)
 
@@ -283,7 +286,7 @@ class Attributor(AttributionMethod):
             ``attrs["srcproj_scores"]["complete"]`` is True once every chunk is durably
             written; an interrupted call leaves it False (unwritten chunks read as NaN).
         """
-        return self._checked(segments, score_memory_bytes).score(
+        return self.source_method(segments, score_memory_bytes).score(
             queries, batch_size, score_memory_bytes=score_memory_bytes, out=out, overwrite=overwrite)
 
     def top_k(self, queries: Any, k: int = 10, segments: Sequence[int] | None = None, batch_size: int = 64, *,
@@ -295,7 +298,7 @@ class Attributor(AttributionMethod):
         changes the peak beyond the ``(Q, k)`` result. Other parameters as in :meth:`score`.
         """
         check_positive_int(k, "k")
-        return self._checked(segments, score_memory_bytes).top_k(queries, k, batch_size,
+        return self.source_method(segments, score_memory_bytes).top_k(queries, k, batch_size,
                                                                 score_memory_bytes=score_memory_bytes)
 
     def self_influence(self, segments: Sequence[int] | None = None, batch_size: int = 64, *,
@@ -305,16 +308,8 @@ class Attributor(AttributionMethod):
         ``score_memory_bytes`` bounds the rows scored per block (default 1 GiB); the
         training examples' own gradients are computed ``batch_size`` at a time.
         """
-        return self._checked(segments, score_memory_bytes).self_influence(batch_size,
+        return self.source_method(segments, score_memory_bytes).self_influence(batch_size,
                                                                          score_memory_bytes=score_memory_bytes)
-
-    def _checked(self, segments: Sequence[int] | None, score_memory_bytes: Any) -> Source:
-        from .scoring import check_memory_bytes
-
-        selected = self.context.selection(segments)
-        check_memory_bytes(score_memory_bytes)
-        self.require_featurized()
-        return Source(self.context, self.layout, self.query, selected)
 
     # ------------------------------------------------------------------ stored and derived quantities
     def checkpoint_features(self, checkpoint: int = -1, kind: str = "loss", data_segment: int = 0,
