@@ -34,7 +34,7 @@ def main(store: str, proj_dim: int) -> None:
                        weight_decay=weight_decay, seed=0, checkpoint_at=[50, 100, 150, 200])
 
     # 2. Describe the run: two segments of 100 steps with two checkpoints each. Both
-    #    trained on the same data object, so each example's terms add up.
+    #    trained on the same examples, so each example's terms add up.
     train = (X_train, y_train)
     trajectory = Trajectory(
         [Segment(states[:2], steps=100, lr=lr, data=train),

@@ -2,7 +2,7 @@
 
 Stage 1 trains an MLP on half of the digits; stage 2 continues on the other half,
 rotated by 90 degrees (a new domain). The two stages are two SOURCE segments with
-different data objects, so their training examples are different rows and are scored
+different data sets, so their training examples are different rows and are scored
 one stage at a time. Queries come from the second domain (rotated test digits) and
 are attributed to the FIRST stage's examples with ``attr.score(queries, segments=[0])``:
 SOURCE carries stage-1 gradients through stage 2's forgetting factor exp(-a H).
@@ -42,7 +42,7 @@ def same_label_share(scores: np.ndarray, train_labels: np.ndarray, query_labels:
 def main(store: str, proj_dim: int, steps: int) -> None:
     X_train, y_train, X_test, y_test = load_digits_split(seed=0)
     half = len(X_train) // 2
-    # Two different data objects: segments never share examples unless given the same one.
+    # Two different data sets: segments share examples only when their data hold the same ones.
     stage1 = (X_train[:half], y_train[:half])
     stage2 = (rotate(X_train[half:]), y_train[half:])
     lr, momentum, weight_decay = 0.02, 0.9, 1e-3

@@ -17,6 +17,7 @@ from .projection import FastJLProjector, KroneckerProjector, MatrixProjector, Pr
 from .scoring import TopK
 from .tasks import ClassificationTask, RegressionTask, Task
 from .trajectory import Segment, Trajectory
+from .verify import VerifyReport, verify_store
 
 __all__ = [
     "Attributor",
@@ -40,4 +41,6 @@ __all__ = [
     "NonFiniteGradientError",
     "StoreError",
     "StoreMismatchError",
+    "verify_store",
+    "VerifyReport",
 ]

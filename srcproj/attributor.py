@@ -125,8 +125,9 @@ class Attributor(AttributionMethod):
             The architecture (its weights are not used).
         task : Task
             The task the store was featurized with.
-        data : Dataset or tuple (X, y), or a list of them, optional
-            The training data (one entry per data set, in segment order): only
+        data : data set, or dict of segment index to data set, optional
+            The training data of segment 0 (a data set as the constructor takes it),
+            or ``{segment: data}`` for the data sets of other segments: only
             :meth:`self_influence` and :meth:`checkpoint_features` need it. It is
             checked against the store's fingerprint.
         query : {"last_segment", "final"}

@@ -167,11 +167,10 @@ class SourceVariant(Source):
         trajectory = own if trajectory is None else trajectory
         if not isinstance(trajectory, Trajectory):
             raise ConfigurationError(f"trajectory must be a srcproj.Trajectory, got {type(trajectory).__name__}")
-        if len(trajectory.segments) != len(own.segments) or trajectory.data_groups != own.data_groups:
+        if len(trajectory.segments) != len(own.segments):
             raise ConfigurationError(
-                f"the trajectory has {len(trajectory.segments)} segments with data groups "
-                f"{trajectory.data_groups}; the store was made for {len(own.segments)} with "
-                f"{own.data_groups}. Only steps and learning rates may change"
+                f"the trajectory has {len(trajectory.segments)} segments; the store was made for "
+                f"{len(own.segments)}. Only steps and learning rates may change"
             )
         if (trajectory.momentum, trajectory.weight_decay) != (own.momentum, own.weight_decay):
             raise ConfigurationError(
@@ -183,7 +182,7 @@ class SourceVariant(Source):
             if len(a.checkpoints) != len(b.checkpoints):
                 raise ConfigurationError(f"segment {i} has {len(a.checkpoints)} checkpoints; the store has "
                                          f"{len(b.checkpoints)}. Only steps and learning rates may change")
-            if len(ExampleSource(a.data, f"segment {i}'s data")) != attributor.layout.rows(i):
+            if len(ExampleSource(a.data, f"segment {i}'s data", attributor.task)) != attributor.layout.rows(i):
                 raise ConfigurationError(f"segment {i}'s data has another number of examples than the store's; "
                                          "only steps and learning rates may change")
         query = attributor.query if query is None else check_choice(query, "query", ("final", "last_segment"))
@@ -330,7 +329,7 @@ class RepresentationSimilarity(_StoreBaseline):
         return self._training
 
     def query_side(self, queries: Any, batch_size: int = 64) -> Queries:
-        return Queries.of(self._representations(ExampleSource(queries, "the query set")))
+        return Queries.of(self._representations(ExampleSource(queries, "the query set", self.context.task)))
 
     def self_query_side(self, batch_size: int = 64) -> BlockReader:
         raise ConfigurationError("RepSim's self-similarity is 1 for every example; it cannot rank them")

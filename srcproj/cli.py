@@ -1,9 +1,9 @@
-"""The ``srcproj`` command line: ``srcproj demo`` and ``srcproj info STORE``.
+"""The ``srcproj`` command line: ``srcproj demo``, ``srcproj info STORE`` and ``srcproj verify STORE``.
 
 Errors srcproj raises on purpose (:class:`~srcproj.errors.SrcprojError`) are printed
 as one line, ``srcproj: error: ...``, with exit status 2: they are the user's to fix
 and a traceback would only hide the message. Anything else is a bug and keeps its
-traceback.
+traceback. ``srcproj verify`` exits with 1 when it finds damage.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .errors import SrcprojError, StoreMismatchError
 
 if TYPE_CHECKING:
     from .store import AttributionStore
+    from .verify import VerifyReport
 
 __all__ = ["main", "store_summary"]
 
@@ -73,6 +74,19 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("store", metavar="STORE", help="path of the store")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.set_defaults(handler=_run_info)
+
+    verify = commands.add_parser(
+        "verify",
+        help="read every chunk of a store and check what its done flags claim",
+        description="Read and decode every chunk of every array of a store (checking each chunk's "
+        "checksum), then check that every unit flagged done has its chunks in the store, finite "
+        "values, and a symmetric Hessian. Reads only. Exit status: 0 when the store is sound, 1 "
+        "when damage is found, 2 when STORE is not a srcproj store.",
+    )
+    verify.add_argument("store", metavar="STORE", help="path or URL of the store")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    verify.set_defaults(handler=_run_verify)
     return parser
 
 
@@ -225,6 +239,50 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- verify
+def _chunk_label(chunk: Any) -> str:
+    if chunk is None:
+        return "(whole array)"
+    return f"chunk {tuple(chunk) if isinstance(chunk, (list, tuple)) else chunk}"
+
+
+def _print_verify(report: VerifyReport) -> None:
+    fmt = "?" if report.format is None else report.format
+    print(f"store    {report.location} (format {fmt})")
+    print(f"checked  {report.arrays_checked:,} arrays, {report.chunks_checked:,} chunks")
+    if report.ok:
+        print("ok: every chunk decodes and every unit flagged done is in the store and sound")
+        return
+    print(f"damage   {len(report.damage)} problem(s)")
+    for damage in report.damage:
+        print(f"  {damage.array} {_chunk_label(damage.chunk)}: {damage.problem}")
+        files = [f"chunk {damage.key}"] if damage.key else []
+        if damage.flag and damage.flag != damage.key:
+            files.append(f"done flag {damage.flag}")
+        elif damage.flag:
+            files[-1] = f"done flag {damage.flag}"
+        if files:
+            print(f"      {'; '.join(files)}")
+    if all(damage.flag for damage in report.damage):
+        print("fix: delete the chunk and done flag files listed (paths inside the store), then rerun "
+              "featurize() on the store: it recomputes just those units. Or featurize into a new store.")
+    else:
+        print("fix: featurize into a new store (some damage is outside the units featurize() recomputes); "
+              "for the rest, deleting the chunk and done flag files listed and rerunning featurize() "
+              "recomputes them.")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_store
+
+    report = verify_store(args.store, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_verify(report)
+    return 0 if report.ok else 1
+
+
 # ---------------------------------------------------------------------- entry
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``srcproj`` command line; return the exit status.
@@ -237,8 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        0 on success, 2 for a usage error or an error srcproj reports, 130 when
-        interrupted.
+        0 on success, 1 when ``srcproj verify`` finds damage, 2 for a usage error or an
+        error srcproj reports, 130 when interrupted.
     """
     parser = _parser()
     try:

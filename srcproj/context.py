@@ -12,7 +12,8 @@ refused) and the inputs of the stages that can be recomputed in place.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch import nn
 
 from . import __version__
 from .curvature import HessianEstimator, SampledFisher, choose_estimator
-from .data import ExampleSource
+from .data import ExampleSource, group_by_fingerprint
 from .errors import ConfigurationError, DataError, NonFiniteGradientError, StoreError, StoreMismatchError
 from .gradients import GradientComputer, ProjectedGradients
 from .layout import StoreLayout
@@ -36,10 +37,38 @@ __all__ = ["AttributionContext", "FEATURE_DTYPES", "projector_from_description"]
 FEATURE_DTYPES = ("float16", "float32", "float64")
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
+def _device(device: Any, model: nn.Module) -> torch.device:
+    """The checked device to compute on; by default the model's."""
+    if device is None:
+        for tensor in model.parameters():
+            return tensor.device
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigurationError(f"device={device!r} is not a torch device ({exc}); pass e.g. 'cpu' or 'cuda:0'") \
+            from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigurationError(f"device={device!r} but CUDA is not available to this torch "
+                                     f"({torch.__version__}); pass device='cpu' or install a CUDA build of torch")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ConfigurationError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                                     "device(s); pick an existing index")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigurationError(f"device={device!r} but MPS is not available; pass device='cpu'")
+    return chosen
+
+
+def _check_proj_dim(proj_dim: int, num_params: int) -> None:
+    """Warn when k exceeds the number of attributed parameters: it adds cost, not information."""
+    if proj_dim > num_params:
+        warnings.warn(
+            f"proj_dim={proj_dim:,} exceeds the {num_params:,} attributed parameters: projected gradients span at "
+            f"most {num_params:,} dimensions, so the extra dimensions add cost (a {proj_dim:,}x{proj_dim:,} "
+            f"Hessian per checkpoint, {proj_dim * proj_dim * 8 / 2**20:,.0f} MiB) and no information. Use "
+            f"proj_dim <= {num_params:,}; k of a few hundred to a few thousand is typical",
+            UserWarning, stacklevel=4)
 
 
 def projector_from_description(description: dict) -> Projector:
@@ -109,16 +138,19 @@ class AttributionContext:
             return computer.load_checkpoint(trajectory.segments[seg].checkpoints[pos],
                                             f"checkpoint {c} (segment {seg}, position {pos})")
 
-        sources = [ExampleSource(seg.data, f"segment {i}'s data") for i, seg in enumerate(trajectory.segments)]
-        context = cls(gradients=ProjectedGradients(computer, projector),
-                      device=torch.device(device) if device is not None else _model_device(model),
-                      checkpoint_segments=[s for s, _ in index], data_groups=list(trajectory.data_groups),
+        _check_proj_dim(projector.proj_dim, computer.num_params)
+        device = _device(device, model)
+        # Segments whose data hold the same examples (the same fingerprint) share them.
+        groups, sources = group_by_fingerprint([ExampleSource(seg.data, f"segment {i}'s data", task)
+                                                for i, seg in enumerate(trajectory.segments)])
+        context = cls(gradients=ProjectedGradients(computer, projector), device=device,
+                      checkpoint_segments=[s for s, _ in index], data_groups=groups,
                       sources=list(sources), loader=load, num_outputs=0, estimator=None,  # type: ignore[arg-type]
                       feature_dtype=feature_dtype, chunk_size=chunk_size, segment_sizes=[len(s) for s in sources])
         context.digests = [computer.checkpoint_digest(load(c)) for c in range(len(index))]
         context.num_outputs = context._probe_outputs()
         for seg, source in enumerate(sources):
-            if trajectory.data_groups[seg] == seg:
+            if groups[seg] == seg:
                 task.validate_targets(source.all_targets(), context.num_outputs, source.what)
         context.estimator = choose_estimator(hessian, task, context.num_outputs, fisher_samples)
         context.trajectory = trajectory
@@ -130,9 +162,9 @@ class AttributionContext:
                    projector: Projector | None = None, device: Any = None) -> AttributionContext:
         """The context of a featurized store, for scoring: the trajectory is not needed.
 
-        The query checkpoints come from the store; ``data`` (the training data of
-        segment 0's data set, or a sequence with one entry per data set in the
-        store's order) is needed only for self-influence and is checked by fingerprint.
+        The query checkpoints come from the store; ``data`` (segment 0's training
+        data, or ``{segment: data}``) is needed only for training-example gradients
+        and is checked by fingerprint.
         """
         meta = store.metadata
         computer = GradientComputer(model, task, param_names=meta.get("param_names"))
@@ -152,17 +184,21 @@ class AttributionContext:
         segments = meta["segments"]
         groups = [int(info["data_group"]) for info in segments]
         sources: list[ExampleSource | None] = [None] * len(segments)
-        owners = sorted(set(groups))
         if data is not None:
-            given = list(data) if isinstance(data, list) else [data]
-            if len(given) > len(owners):
-                raise ConfigurationError(f"data has {len(given)} data sets; the store has {len(owners)}")
-            for owner, item in zip(owners, given, strict=False):
-                source = ExampleSource(item, f"segment {owner}'s data")
+            # A data set is never a mapping, so a dict can only name segments.
+            given = dict(data) if isinstance(data, Mapping) else {0: data}
+            for segment in given:
+                if isinstance(segment, bool) or not isinstance(segment, (int, np.integer)) \
+                        or not 0 <= segment < len(segments):
+                    raise ConfigurationError(f"data names segment {segment!r}; the store has segments "
+                                             f"0..{len(segments) - 1}")
+            for segment, item in given.items():
+                owner = groups[int(segment)]
+                source = ExampleSource(item, f"segment {segment}'s data", task)
                 info = segments[owner]
                 if len(source) != int(info["num_examples"]) or source.fingerprint() != info["data_fingerprint"]:
                     raise StoreMismatchError(
-                        f"segment {owner}'s data is not the data the store was featurized with (it has "
+                        f"segment {segment}'s data is not the data the store was featurized with (it has "
                         f"{len(source)} examples, the store {info['num_examples']}, or other values); pass the "
                         "same training data, or none"
                     )
@@ -181,8 +217,7 @@ class AttributionContext:
 
         estimator = choose_estimator(meta["hessian"], task, int(meta["num_outputs"]),
                                      int(meta.get("fisher_samples", 1)))
-        context = cls(gradients=ProjectedGradients(computer, projector),
-                      device=torch.device(device) if device is not None else _model_device(model),
+        context = cls(gradients=ProjectedGradients(computer, projector), device=_device(device, model),
                       checkpoint_segments=list(layout.shape.checkpoint_segments), data_groups=groups,
                       sources=sources, loader=load, num_outputs=int(meta["num_outputs"]), estimator=estimator,
                       feature_dtype=str(meta["feature_dtype"]), chunk_size=int(meta["chunk_size"]),
@@ -270,8 +305,8 @@ class AttributionContext:
                 raise ConfigurationError(f"segment {s!r} does not exist; the trajectory has segments 0..{count - 1}")
         if len({self.data_groups[s] for s in selected}) > 1:
             raise ConfigurationError(
-                f"segments {selected} hold different data objects, so their training examples are "
-                "different; score the segments of one data set at a time"
+                f"segments {selected} trained on different data sets (their examples differ), so their "
+                "scores do not add up per example; score the segments of one data set at a time"
             )
         return sorted({int(s) for s in selected})
 
@@ -378,7 +413,7 @@ class AttributionContext:
 
     def query_source(self, queries: Any) -> ExampleSource:
         """The query set, validated against the task."""
-        source = ExampleSource(queries, "the query set")
+        source = ExampleSource(queries, "the query set", self.task)
         self.task.validate_targets(source.all_targets(), self.num_outputs, source.what)
         return source
 

@@ -277,7 +277,7 @@ def run_demo(
         f"{s['weight_decay']}) in {train_seconds:.1f} s")
     out(f"  deliberately not converged: train loss {train_loss:.3f}, test accuracy {accuracy:.1%}")
 
-    # Both segments trained on the same data object, so their terms add up per example.
+    # Both segments trained on the same examples, so their terms add up per example.
     data = (X_train, y_train)
     trajectory = Trajectory(
         [Segment(states[seg * per_segment:(seg + 1) * per_segment], steps_per_segment, s["lr"], data)

@@ -21,7 +21,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from .errors import CheckpointMismatchError, ConfigurationError, DataError
-from .tasks import Task
+from .tasks import MODEL_MODES, Task, default_model_outputs
 from .trajectory import Checkpoint
+from .validation import check_choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from .projection import Projector
@@ -44,13 +45,30 @@ KINDS = ("loss", "measurement")
 
 
 def _tensor_digest(digest: hashlib._Hash, name: str, tensor: Tensor) -> None:
-    flat = tensor.detach().reshape(-1)
-    # A strided sample keeps fingerprinting cheap for large checkpoints.
-    if flat.numel() > 4096:
-        flat = flat[:: flat.numel() // 4096]
-    digest.update(name.encode())
-    digest.update(str(tuple(tensor.shape)).encode())
-    digest.update(flat.to("cpu", torch.float64).numpy().tobytes())
+    """Feed ``tensor``'s name, shape, dtype and every byte of its values to ``digest``.
+
+    The whole tensor is hashed (as the raw bytes of a contiguous CPU copy): a change of
+    any one entry changes the digest, so a checkpoint that differs from the one a store
+    was featurized with is never taken for it.
+    """
+    flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
+    digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype};".encode())
+    if flat.numel():
+        digest.update(flat.view(torch.uint8).numpy())
+
+
+ModelOutputs = Callable[[Any], Tensor]  # what the model returned -> its (B, C) tensor (Task.model_outputs)
+
+
+def _checked_outputs(value: Any, outputs: ModelOutputs) -> Tensor:
+    """``value`` (what ``outputs`` made of the model's output) if it is a tensor."""
+    if isinstance(value, Tensor):
+        return value
+    owner = getattr(outputs, "__self__", None)
+    name = (f"{type(owner).__name__}.model_outputs" if owner is not None
+            else getattr(outputs, "__qualname__", repr(outputs)))
+    raise ConfigurationError(f"{name} returned a {type(value).__name__}, not a tensor; it must return the "
+                             "(batch, outputs) tensor the loss and measurement read from the model's output")
 
 
 @dataclass(frozen=True)
@@ -162,8 +180,12 @@ def project_layer_inputs(layer: FactoredLayer, module: nn.Module, x: Tensor, p_i
     ``p_in`` is ``k_in × (d_in [+ 1])``; its last column, when the bias is attributed,
     multiplies the input column of ones. For a Conv2d, projecting every patch is a
     convolution with ``P_in`` as its kernel (much faster than unfolding the patches).
+    ``x`` is converted to ``p_in``'s dtype (the projection's accumulation dtype, float32
+    for a 16-bit model), which is the result's.
     """
     _check_input(layer, x)
+    if x.dtype != p_in.dtype:
+        x = x.to(p_in.dtype)
     weight = p_in[:, : layer.d_in]
     if layer.kind == "linear":
         projected = x.reshape(x.shape[0], -1, layer.d_in) @ weight.T
@@ -234,13 +256,17 @@ class LayerCapture:
     independent, so row ``b`` of ``δ`` is the gradient of example ``b``'s own term.
 
     Parameters are never differentiated: the graph starts at the first hooked layer.
+    :meth:`forward` returns the tensor ``outputs(what the model returned)``
+    (:meth:`Task.model_outputs <srcproj.Task.model_outputs>`; default:
+    :func:`~srcproj.tasks.default_model_outputs`).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[FactoredLayer],
-                 input_fn: Callable[[int, nn.Module, Tensor], object]) -> None:
+                 input_fn: Callable[[int, nn.Module, Tensor], object], outputs: ModelOutputs | None = None) -> None:
         self.model = model
         self.layers = list(layers)
         self.input_fn = input_fn
+        self.outputs = default_model_outputs if outputs is None else outputs
         modules = dict(model.named_modules())
         self.modules = [modules[layer.module] for layer in self.layers]
         self.inputs: list[list[object]] = [[] for _ in self.layers]
@@ -261,12 +287,13 @@ class LayerCapture:
         handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
         try:
             with torch.enable_grad():
-                return functional_call(self.model, dict(params), (x,))
+                output = functional_call(self.model, dict(params), (x,))
         except RuntimeError as exc:
             raise DataError(f"the model failed on inputs of shape {tuple(x.shape)} (batch first): {exc}") from exc
         finally:
             for handle in handles:
                 handle.remove()
+        return _checked_outputs(self.outputs(output), self.outputs)
 
     def backward(self, objective: Tensor, retain_graph: bool = False) -> list[list[Tensor]]:
         """``δ`` per layer and call for ``objective`` (a scalar: the sum over examples)."""
@@ -289,7 +316,7 @@ class LayerCapture:
 
 
 def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: Mapping[str, Tensor],
-                    x: Tensor, tolerance: float = 1e-3) -> list[str]:
+                    x: Tensor, tolerance: float = 1e-3, outputs: ModelOutputs | None = None) -> list[str]:
     """Modules among ``layers`` whose per-example weight gradient on ``x`` is not ``Σ_t δ_t a_tᵀ``
     (or whose attributed bias gradient is not ``Σ_t δ_t``).
 
@@ -297,13 +324,17 @@ def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: M
     hooks with autograd's per-example gradients. A layer fails when its weight is also
     used outside the module's own forward (``nn.MultiheadAttention`` reads
     ``out_proj.weight`` directly, tied weights) or the layer mixes examples of a batch.
+    ``outputs`` takes the tensor from what the model returns (the task's
+    ``model_outputs``; default :func:`~srcproj.tasks.default_model_outputs`).
     """
     if not layers:
         return []
-    capture = LayerCapture(model, layers, lambda index, module, a: layer_inputs(layers[index], module, a).clone())
-    outputs = capture.forward(params, x)
+    outputs_of = default_model_outputs if outputs is None else outputs
+    capture = LayerCapture(model, layers, lambda index, module, a: layer_inputs(layers[index], module, a).clone(),
+                           outputs_of)
+    batch_outputs = capture.forward(params, x)
     with torch.enable_grad():  # the caller may be under no_grad: keep the graph
-        flat = outputs.reshape(outputs.shape[0], -1)
+        flat = batch_outputs.reshape(batch_outputs.shape[0], -1)
         weights = torch.linspace(0.5, 1.5, flat.shape[1], dtype=flat.dtype, device=flat.device)
         objective = (flat * weights).sum()
     deltas = capture.backward(objective)
@@ -312,7 +343,7 @@ def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: M
     for b in range(x.shape[0]):  # plain autograd, one example at a time
         leaves = {n: params[n].detach().clone().requires_grad_(True) for n in names}
         with torch.enable_grad():
-            out = functional_call(model, {**params, **leaves}, (x[b:b + 1],))
+            out = outputs_of(functional_call(model, {**params, **leaves}, (x[b:b + 1],)))
             grads = torch.autograd.grad((out.reshape(-1) * weights).sum(), list(leaves.values()), allow_unused=True)
         for n, g in zip(names, grads, strict=True):
             reference[n].append(torch.zeros_like(leaves[n]) if g is None else g)
@@ -340,19 +371,21 @@ def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: M
 
 
 def checked_factored_layers(model: nn.Module, param_names: Sequence[str], params: Mapping[str, Tensor] | None,
-                            example: Tensor | None) -> tuple[list[FactoredLayer], list[str], list[str]]:
+                            example: Tensor | None, outputs: ModelOutputs | None = None,
+                            ) -> tuple[list[FactoredLayer], list[str], list[str]]:
     """:func:`factored_layers`, less the layers that fail :func:`verify_factored` on ``example``.
 
     Returns ``(layers, other parameters in param_names order, demoted modules)``. Without
     ``example`` nothing is checked. ``params`` is the full state the check runs with
-    (default: the model's own parameters and buffers).
+    (default: the model's own parameters and buffers); ``outputs`` takes the tensor from
+    what the model returns (the task's ``model_outputs``).
     """
     layers, others = factored_layers(model, param_names)
     if example is None or not layers:
         return layers, others, []
     state = dict(params) if params is not None else {**dict(model.named_parameters()),
                                                      **dict(model.named_buffers())}
-    demoted = verify_factored(model, layers, state, example)
+    demoted = verify_factored(model, layers, state, example, outputs=outputs)
     if not demoted:
         return layers, others, []
     kept = [layer for layer in layers if layer.module not in demoted]
@@ -372,7 +405,8 @@ class FactoredSplit:
 
 
 def factored_split(model: nn.Module, param_names: Sequence[str] | None = None,
-                   params: Mapping[str, Tensor] | None = None, example: Tensor | None = None) -> FactoredSplit:
+                   params: Mapping[str, Tensor] | None = None, example: Tensor | None = None,
+                   outputs: ModelOutputs | None = None) -> FactoredSplit:
     """:func:`checked_factored_layers` of ``param_names`` (default: every parameter with
     ``requires_grad``), with the sizes of the parameters and why the others are not factored.
 
@@ -386,7 +420,7 @@ def factored_split(model: nn.Module, param_names: Sequence[str] | None = None,
     unknown = [n for n in names if n not in named]
     if unknown:
         raise ConfigurationError(f"parameters {unknown[:5]} are not in the model")
-    layers, others, demoted = checked_factored_layers(model, names, params, example)
+    layers, others, demoted = checked_factored_layers(model, names, params, example, outputs)
     reasons = not_factored_reasons(model, names) if others else {}
     reasons.update({n: "used outside its module" for n in others if n.rpartition(".")[0] in demoted})
     return FactoredSplit(names, {n: int(named[n].numel()) for n in names}, layers, others,
@@ -462,6 +496,12 @@ class GradientComputer:
     modules : sequence of str, optional
         Names of submodules (as in ``model.named_modules()``) whose parameters are
         attributed; by default every parameter with ``requires_grad``.
+
+    Raises
+    ------
+    ConfigurationError
+        For a model that is not a module, a task that is not a :class:`Task`, a
+        ``task.model_mode`` other than "eval" or "train", or unknown modules.
     """
 
     def __init__(self, model: nn.Module, task: Task, modules: Sequence[str] | None = None, *,
@@ -472,6 +512,7 @@ class GradientComputer:
             raise ConfigurationError(f"task must be a srcproj.Task, got {type(task).__name__}")
         self.model = model
         self.task = task
+        self._checked_mode()  # an unknown Task.model_mode is refused now, not at the first batch
         named = dict(model.named_parameters())
         if param_names is not None:  # the attributed parameters by name (a reopened store lists them)
             names = list(param_names)
@@ -560,15 +601,63 @@ class GradientComputer:
         return digest.hexdigest()
 
     # ------------------------------------------------------------------ computation
+    def _checked_mode(self) -> str:
+        return check_choice(getattr(self.task, "model_mode", "eval"), f"{type(self.task).__name__}.model_mode",
+                            MODEL_MODES)
+
+    @property
+    def model_mode(self) -> str:
+        """The task's :attr:`~srcproj.Task.model_mode`, checked: "eval" or "train"."""
+        return self._checked_mode()
+
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
-        """Run the model in eval mode (dropout off, batch-norm on running stats)."""
-        was_training = self.model.training
-        self.model.eval()
+        """Run the model in the mode it is attributed in (:attr:`Task.model_mode`) meanwhile.
+
+        "eval" (the default): dropout off, BatchNorm on its running statistics. "train":
+        see :meth:`running`. Every module's own mode is restored afterwards.
+        """
+        with self.running(self.model_mode):
+            yield
+
+    @contextlib.contextmanager
+    def running(self, mode: str) -> Iterator[None]:
+        """Run the model in ``mode`` ("eval" or "train") meanwhile, whatever the task says.
+
+        In "train" mode BatchNorm layers normalize with the statistics of the batch they
+        are given and never read or update their running statistics (their
+        ``track_running_stats`` is off meanwhile): a checkpoint's buffers are never
+        modified, and ``torch.func`` can differentiate them. Every module's own
+        ``training`` flag (and BatchNorm's ``track_running_stats``) is restored afterwards.
+        """
+        mode = check_choice(mode, "mode", MODEL_MODES)
+        modules = list(self.model.modules())
+        flags = [module.training for module in modules]
+        untracked = []
+        self.model.train(mode == "train")
+        if mode == "train":
+            for module in modules:
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                    module.track_running_stats = False
+                    untracked.append(module)
         try:
             yield
         finally:
-            self.model.train(was_training)
+            for module in untracked:
+                module.track_running_stats = True
+            for module, flag in zip(modules, flags, strict=True):
+                module.training = flag
+
+    @property
+    def _randomness(self) -> str:
+        """vmap's randomness: each example draws its own dropout mask in training mode;
+        in eval mode a random operation is an error, as torch.func makes it by default."""
+        return "different" if self.model.training else "error"
+
+    def outputs(self, output: Any) -> Tensor:
+        """The tensor of shape ``(B, C)`` the task reads from what the model returned
+        (:meth:`Task.model_outputs`)."""
+        return _checked_outputs(self.task.model_outputs(output), self.task.model_outputs)
 
     def split(self, state: Mapping[str, Tensor], device: torch.device) -> tuple[dict, dict]:
         """``(attributed parameters, everything else)`` moved to ``device``."""
@@ -596,12 +685,15 @@ class GradientComputer:
         raise ConfigurationError(f"kind={kind!r}; choose one of {KINDS}")
 
     def forward(self, trainable: dict, fixed: dict, x: Tensor) -> Tensor:
+        """The model's outputs on ``x`` with a checkpoint's tensors: the tensor the task
+        reads (:meth:`outputs`), whatever the model returns."""
         try:
-            return functional_call(self.model, {**trainable, **fixed}, (x,))
+            output = functional_call(self.model, {**trainable, **fixed}, (x,))
         except RuntimeError as exc:
             raise DataError(
                 f"the model failed on inputs of shape {tuple(x.shape)} (batch first): {exc}"
             ) from exc
+        return self.outputs(output)
 
     def _flatten(self, grads: Mapping[str, Tensor], lead: int, names: Sequence[str] | None = None) -> Tensor:
         names = self.param_names if names is None else names
@@ -620,15 +712,15 @@ class GradientComputer:
 
     def _per_example(self, fn, trainable: dict, fixed: dict, x: Tensor, y: Tensor,
                      names: Sequence[str] | None = None, pieces: bool = False) -> Tensor | list[Tensor]:
-        model = self.model
+        model, outputs = self.model, self.outputs
         trainable, fixed = self._subset(trainable, fixed, names)
 
         def single(params: dict, xi: Tensor, yi: Tensor) -> Tensor:
-            out = functional_call(model, {**params, **fixed}, (xi.unsqueeze(0),))
+            out = outputs(functional_call(model, {**params, **fixed}, (xi.unsqueeze(0),)))
             return fn(out, yi.unsqueeze(0)).sum()
 
         try:
-            grads = vmap(grad(single), in_dims=(None, 0, 0))(trainable, x, y)
+            grads = vmap(grad(single), in_dims=(None, 0, 0), randomness=self._randomness)(trainable, x, y)
         except RuntimeError as exc:
             raise DataError(
                 f"per-example gradients failed on inputs of shape {tuple(x.shape)} "
@@ -661,7 +753,7 @@ class GradientComputer:
         """
         fn = self.objective(kind)
         batch = x.shape[0]
-        capture = LayerCapture(self.model, layers, input_fn)
+        capture = LayerCapture(self.model, layers, input_fn, self.outputs)
         outputs = capture.forward({**trainable, **fixed}, x)
         try:
             with torch.enable_grad():
@@ -696,14 +788,14 @@ class GradientComputer:
         """
         device = next(iter(trainable.values())).device
         x, _ = self._prepare(x, torch.zeros(0), trainable, device)
-        model = self.model
+        model, outputs = self.model, self.outputs
         outer_trainable, outer_fixed = trainable, fixed
         trainable, fixed = self._subset(trainable, fixed, names)
 
         def single(params: dict, xi: Tensor) -> Tensor:
-            return functional_call(model, {**params, **fixed}, (xi.unsqueeze(0),)).reshape(-1)
+            return outputs(functional_call(model, {**params, **fixed}, (xi.unsqueeze(0),))).reshape(-1)
 
-        jac = vmap(jacrev(single), in_dims=(None, 0))(trainable, x)
+        jac = vmap(jacrev(single), in_dims=(None, 0), randomness=self._randomness)(trainable, x)
         with torch.no_grad():
             outputs = self.forward(outer_trainable, outer_fixed, x)
         return self._flatten(jac, 2, names), outputs.reshape(outputs.shape[0], -1)
@@ -829,7 +921,8 @@ class DenseHookBackend(GradientBackend):
         if example is None:
             return VmapBackend(computer, projector)
         try:
-            layers, others, _ = checked_factored_layers(computer.model, computer.param_names, params, example)
+            layers, others, _ = checked_factored_layers(computer.model, computer.param_names, params, example,
+                                                        computer.outputs)
         except (DataError, RuntimeError, ValueError, TypeError, KeyError):
             return VmapBackend(computer, projector)  # the hooks are only a speed-up
         if not layers:
@@ -894,16 +987,28 @@ class FactoredBackend(GradientBackend):
     p-sized gradient never exists. Its other parameters (``dense_params``) go through
     vmap and ``project_dense``; their features come after the layers'. Jacobians
     (:meth:`output_features`): one backward pass per output through the same captures.
+
+    In training mode (``Task.model_mode = "train"``) the examples of a batch are not
+    independent (BatchNorm takes the batch's statistics), so one batched pass cannot
+    give per-example gradients: the per-example gradient rows then come from vmap and
+    go to the projector's ``project()``, the same map (they need ``B × p`` memory).
     """
+
+    def __init__(self, computer: GradientComputer, projector: Projector) -> None:
+        super().__init__(computer, projector)
+        self._rows = VmapBackend(computer, projector)  # training mode: gradient rows, project()
 
     def bind(self, params: Mapping[str, Tensor] | None, example: Tensor | None) -> None:
         """Lay the projector out over the layers that pass the check on ``example``."""
         computer = self.computer
-        self.projector.lay_out(factored_split(computer.model, computer.param_names, params, example))
+        self.projector.lay_out(factored_split(computer.model, computer.param_names, params, example,
+                                              computer.outputs))
 
     def features(self, trainable: dict, fixed: dict, x: Tensor, y: Tensor, kind: str = "loss") -> Tensor:
         computer, projector = self.computer, self.projector
         layers = projector.require_bound(computer.param_names)
+        if computer.model.training:
+            return self._rows.features(trainable, fixed, x, y, kind)
         x, y = computer.prepare(trainable, x, y)
         reference = next(iter(trainable.values()))
         dtype, device, batch = reference.dtype, reference.device, x.shape[0]
@@ -918,10 +1023,12 @@ class FactoredBackend(GradientBackend):
     def output_features(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:
         computer, projector = self.computer, self.projector
         layers = projector.require_bound(computer.param_names)
+        if computer.model.training:
+            return self._rows.output_features(trainable, fixed, x)
         x, _ = computer.prepare(trainable, x, torch.zeros(0))
         reference = next(iter(trainable.values()))
         dtype, device, batch = reference.dtype, reference.device, x.shape[0]
-        capture = LayerCapture(computer.model, layers, projector.project_inputs)
+        capture = LayerCapture(computer.model, layers, projector.project_inputs, computer.outputs)
         with torch.enable_grad():  # the caller may be under no_grad: keep the graph
             outputs = capture.forward({**trainable, **fixed}, x).reshape(batch, -1)
         num_outputs = outputs.shape[1]
@@ -982,13 +1089,14 @@ class ProjectedGradients:
     def bind(self, params: Mapping[str, Tensor], example: Tensor) -> None:
         """Choose the backend and lay out the model's layers for the projector, checked on
         ``example`` (a few inputs on the computation device) with the full state ``params``
-        (the model is put in eval mode meanwhile).
+        (the model is put in eval mode meanwhile, whatever ``Task.model_mode`` says: the
+        check is of the layers' structure, and eval mode makes it deterministic).
 
         Raises :class:`ConfigurationError` for a factored projector that cannot be laid
         out over the model (see :meth:`~srcproj.KroneckerProjector.lay_out`).
         """
         computer, projector = self.computer, self.projector
-        with computer.evaluating():
+        with computer.running("eval"):
             if projector.factored:
                 backend = FactoredBackend(computer, projector)
                 backend.bind(params, example)

@@ -5,6 +5,7 @@ Layout (``c`` a checkpoint in training order, ``l`` a segment)::
     zarr.json                      what the store was made for (checked on every reopen),
                                    and the inputs each stage was computed with
     features/ckpt_{c}              (N_l, k) training features, float16 by default
+    features/ckpt_{c}_scale        (N_l,) float16 features only: each row's power-of-two scale
     features/ckpt_{c}_done         (n_chunks,) which row chunks are durably written
     hessians/ckpt_{c}              (k, k) float64 projected Gauss-Newton Hessian
     hessians/done                  (n_checkpoints,)
@@ -41,7 +42,8 @@ import zarr
 from .errors import StoreError
 from .store import AttributionStore, metadata_differences
 
-__all__ = ["STAGES", "StoreLayout", "features", "features_done", "hessian", "HESSIANS_DONE", "eigenvalues",
+__all__ = ["STAGES", "StoreLayout", "decode_float16_rows", "encode_float16_rows", "features", "feature_scale",
+           "features_done", "hessian", "HESSIANS_DONE", "eigenvalues",
            "eigenvectors", "SPECTRA_DONE", "cache", "cache_done", "query_checkpoint", "QUERY_DONE"]
 
 #: The stages of featurization, in order; a stage depends on every stage before it.
@@ -57,6 +59,10 @@ _QUERY_CHUNK_BYTES = 16 << 20
 
 def features(checkpoint: int) -> str:
     return f"features/ckpt_{checkpoint}"
+
+
+def feature_scale(checkpoint: int) -> str:
+    return f"features/ckpt_{checkpoint}_scale"
 
 
 def features_done(checkpoint: int) -> str:
@@ -85,6 +91,36 @@ def cache_done(segment: int) -> str:
 
 def query_checkpoint(checkpoint: int) -> str:
     return f"query/ckpt_{checkpoint}"
+
+
+# float16 rows are stored divided by a power of two that brings their largest entry into
+# [2^14, 2^15): every row keeps float16's relative precision (about 5e-4), whatever its
+# magnitude, instead of sinking into float16's subnormals below 6e-5 (a well-fit example's
+# gradient) or overflowing above 65504. Powers of two make the scaling itself exact.
+_FLOAT16_TOP_EXPONENT = 15
+_FLOAT32_EXPONENTS = (-149, 127)
+
+
+def encode_float16_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(float16 rows, float32 power-of-two scales)`` with ``rows ≈ stored * scale[:, None]``.
+
+    Raises :class:`StoreError` when a row's magnitude is beyond float32's exponents.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    peak = np.abs(rows).max(axis=1) if rows.shape[1] else np.zeros(rows.shape[0])
+    _, exponent = np.frexp(peak)  # peak = f·2^exponent with f in [0.5, 1); exponent 0 for 0
+    shift = np.where(peak > 0, exponent - _FLOAT16_TOP_EXPONENT, 0)
+    low, high = _FLOAT32_EXPONENTS
+    if np.any(shift > high) or np.any((shift < low) & (peak > 0)):
+        raise StoreError("features of magnitude beyond float32's range cannot be stored; check the checkpoint "
+                         "for diverged weights")
+    scale = np.ldexp(np.ones_like(peak), shift).astype(np.float32)
+    return (rows / scale[:, None].astype(np.float64)).astype(np.float16), scale
+
+
+def decode_float16_rows(stored: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The float32 rows that :func:`encode_float16_rows` stored."""
+    return stored.astype(np.float32) * scale.astype(np.float32)[:, None]
 
 
 @dataclass(frozen=True)
@@ -160,6 +196,25 @@ class StoreLayout:
         return self.store.array(features(checkpoint), (rows, k), self.feature_dtype,
                                 chunks=(self.shape.chunk_size, k))
 
+    @property
+    def scaled_features(self) -> bool:
+        """Whether features are stored as float16 rows with a per-row scale."""
+        return self.feature_dtype == "float16"
+
+    def feature_scales(self, checkpoint: int) -> zarr.Array:
+        return self.store.array(feature_scale(checkpoint), (self.rows(self.segment_of(checkpoint)),), "float32",
+                                chunks=(self.shape.chunk_size,))
+
+    def write_features(self, checkpoint: int, start: int, values: np.ndarray) -> None:
+        """Durably write the rows ``start..`` of a checkpoint's features (float64 ``values``)."""
+        rows = slice(start, start + values.shape[0])
+        if self.scaled_features:
+            stored, scale = encode_float16_rows(values)
+            self.store.write_durably(self.feature_scales(checkpoint), rows, scale)
+            self.store.write_durably(self.features(checkpoint), rows, stored)
+        else:
+            self.store.write_durably(self.features(checkpoint), rows, values.astype(self.feature_dtype))
+
     def feature_flags(self, checkpoint: int) -> zarr.Array:
         return self.store.flags(features_done(checkpoint), len(self.chunks(self.segment_of(checkpoint))))
 
@@ -192,6 +247,8 @@ class StoreLayout:
         """Create every array featurize writes (in a distributed job rank 0 does, first)."""
         for c in range(self.num_checkpoints):
             self.features(c)
+            if self.scaled_features:
+                self.feature_scales(c)
             self.feature_flags(c)
             self.hessian(c)
         self.hessian_flags()
@@ -204,7 +261,11 @@ class StoreLayout:
 
     # ------------------------------------------------------------------ reading
     def read_features(self, checkpoint: int, start: int, stop: int) -> np.ndarray:
-        return self.store.read_rows(features(checkpoint), start, stop)
+        """Rows ``start..stop-1`` of a checkpoint's features (float32 when stored as float16)."""
+        stored = self.store.read_rows(features(checkpoint), start, stop)
+        if not self.scaled_features:
+            return stored
+        return decode_float16_rows(stored, self.store.read_rows(feature_scale(checkpoint), start, stop))
 
     def read_hessian(self, checkpoint: int) -> np.ndarray:
         return self.store.read_all(hessian(checkpoint))
@@ -336,6 +397,7 @@ class StoreLayout:
         array = self.store.group.create_array(name, shape=(max(1, data.size),), dtype="uint8",
                                               chunks=(min(max(1, data.size), _QUERY_CHUNK_BYTES),),
                                               compressors=self.store.compressors(), fill_value=0,
+                                              config={"write_empty_chunks": True},
                                               attributes={"tensors": entries, "digest": digest})
         self.store.write_durably(array, slice(0, data.size), data)
         self.query_flags()[checkpoint] = True

@@ -1,7 +1,7 @@
 """Featurization as a pipeline of stages that each write to the store and resume.
 
 1. :class:`FeatureStage`: per checkpoint, this rank's row chunks of training features
-   ``φ_c = P ∇L`` (float16 by default).
+   ``φ_c = P ∇L`` (float16 rows with a power-of-two scale each, by default).
 2. :class:`HessianStage`: per checkpoint, the projected Gauss-Newton Hessian: every rank
    sums its chunks' rows (from the chosen :class:`~srcproj.curvature.HessianEstimator`)
    in float64, the sums are added over the ranks and rank 0 writes the mean.
@@ -28,13 +28,12 @@ from tqdm.auto import tqdm
 from .context import AttributionContext, check_finite_rows
 from .curvature import HessianAccumulator
 from .distributed import Collective, DeferredErrors
-from .errors import ConfigurationError, StoreError
+from .errors import StoreError
 from .layout import StoreLayout
 from .source import SegmentSpectrum, eigendecompose, unrolling_operators
 
 __all__ = ["CacheStage", "FeatureStage", "FeaturizeReport", "HessianStage", "SpectrumStage", "featurize"]
 
-_FLOAT16_MAX = 65504.0
 
 
 @dataclass
@@ -101,17 +100,11 @@ class FeatureStage:
         if not todo:
             return
         source, label = ctx.source(seg), f"checkpoint {checkpoint} (segment {seg})"
-        array, flags, bounds = layout.features(checkpoint), layout.feature_flags(checkpoint), layout.chunks(seg)
+        flags, bounds = layout.feature_flags(checkpoint), layout.chunks(seg)
         for chunk in todo:
             start, stop = bounds[chunk]
             rows = ctx.projected(params, source, start, stop, self.batch_size, "loss", label)
-            values = rows.to("cpu", torch.float64).numpy()
-            if layout.feature_dtype == "float16" and np.abs(values).max() > _FLOAT16_MAX:
-                raise ConfigurationError(
-                    f"{label}: features of examples {start}..{stop - 1} exceed float16's "
-                    "range; create the store with feature_dtype='float32'"
-                )
-            layout.store.write_durably(array, slice(start, stop), values.astype(layout.feature_dtype))
+            layout.write_features(checkpoint, start, rows.to("cpu", torch.float64).numpy())
             flags[chunk] = True
             report.feature_chunks_computed += 1
             report.computed_feature_chunks.append((checkpoint, chunk))

@@ -27,7 +27,8 @@ from .errors import StoreError, StoreMismatchError
 __all__ = ["AttributionStore", "compressors", "fsync_path", "local_path", "metadata_differences"]
 
 # 2: stage inputs (weight decay, segment times) recorded apart from the store's identity.
-FORMAT_VERSION = 2
+# 3: checksummed flags; float16 features with a per-row power-of-two scale (features/ckpt_{c}_scale).
+FORMAT_VERSION = 3
 _UNCHECKED = {"library_version", "created"}
 
 
@@ -35,6 +36,17 @@ def compressors() -> list:
     """The codecs of every compressed srcproj array: zstd, then a checksum, so that a
     flipped byte on disk fails loudly on read."""
     return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec()]
+
+
+def checksum_only() -> list:
+    """The codecs of an uncompressed srcproj array (the done flags): a checksum alone."""
+    return [Crc32cCodec()]
+
+
+#: Every chunk written is kept, also one equal to the fill value (zarr would drop it):
+#: a unit flagged done then always has its chunks in the store, which ``srcproj verify``
+#: checks.
+_KEEP_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
 def _show(location: Any) -> Any:
@@ -225,7 +237,11 @@ class AttributionStore:
     # ------------------------------------------------------------------ arrays
     def array(self, name: str, shape: tuple, dtype: str, chunks: tuple | None = None,
               compressed: bool = True) -> zarr.Array:
-        """The array ``name``, created if absent (creation is idempotent)."""
+        """The array ``name``, created if absent (creation is idempotent).
+
+        Every array carries a Crc32c checksum; ``compressed=False`` leaves out the
+        compression (for tiny chunks such as the done flags).
+        """
         if name in self.group:
             found = self.group[name]
             if tuple(found.shape) != tuple(shape) or str(found.dtype) != str(np.dtype(dtype)):
@@ -233,18 +249,23 @@ class AttributionStore:
                     f"array {name!r} in the store has shape {found.shape} and dtype {found.dtype}, "
                     f"expected {shape} and {dtype}: the store is damaged; delete it to recompute"
                 )
-            return found
+            # A reopened array has zarr's default configuration: keep every chunk again.
+            return found.with_config(_KEEP_EVERY_CHUNK) if hasattr(found, "with_config") else found
         return self.group.create_array(
             name,
             shape=shape,
             chunks=chunks or shape,
             dtype=dtype,
-            compressors=compressors() if compressed else None,
+            compressors=compressors() if compressed else checksum_only(),
             fill_value=0,
+            config=_KEEP_EVERY_CHUNK,
         )
 
     def flags(self, name: str, count: int) -> zarr.Array:
-        """A boolean marker array, one zarr chunk per flag so that flags never race."""
+        """A boolean marker array, one zarr chunk per flag so that flags never race.
+
+        A flag chunk is one byte and its Crc32c checksum: a flipped bit fails on read.
+        """
         return self.array(name, (count,), "bool", chunks=(1,), compressed=False)
 
     def has(self, name: str) -> bool:

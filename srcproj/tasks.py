@@ -3,12 +3,16 @@
 A :class:`Task` is the only model-specific code a user writes. It maps a batch of model
 outputs to per-example losses and measurements; it gives the curvature of the loss in
 output space (for the ``exact`` Gauss-Newton estimator) and samples labels from the
-model's predictive distribution (for the ``fisher`` one).
+model's predictive distribution (for the ``fisher`` one). It also says which tensor of
+the model's output those read (:meth:`Task.model_outputs`) and in which mode the model
+runs while it is attributed (:attr:`Task.model_mode`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +20,60 @@ from torch import Tensor
 
 from .errors import ConfigurationError, DataError
 
-__all__ = ["Task", "ClassificationTask", "RegressionTask"]
+__all__ = ["Task", "ClassificationTask", "RegressionTask", "MODEL_MODES", "default_model_outputs"]
+
+MODEL_MODES = ("eval", "train")
+
+
+def default_model_outputs(output: Any, owner: str = "Task") -> Tensor:
+    """The tensor a model's ``output`` holds, as :meth:`Task.model_outputs` reads it by default.
+
+    A tensor is returned as it is; an object with a tensor attribute ``logits`` (a
+    ``transformers`` ``ModelOutput``) gives ``output.logits``; a mapping with a
+    ``"logits"`` key gives that entry; a tuple or list whose first item is a tensor
+    gives the first item.
+
+    Parameters
+    ----------
+    output : Any
+        What the model's ``forward`` returned.
+    owner : str
+        The task class named in the error message.
+
+    Returns
+    -------
+    Tensor
+        The model's outputs, ``(B, C)`` for a batch of B examples.
+
+    Raises
+    ------
+    ConfigurationError
+        For any other output, naming its type.
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    kind = type(output)
+    type_name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    if isinstance(output, Mapping):
+        what = f"a {type_name} with keys {list(output)[:6]} and no tensor under 'logits'"
+    elif isinstance(output, (tuple, list)):
+        first = type(output[0]).__name__ if output else "nothing"
+        what = f"a {type_name} whose first item is {first}, not a tensor"
+    else:
+        what = f"a {type_name}"
+    raise ConfigurationError(
+        f"the model returned {what}; srcproj reads a tensor, a tuple or list whose first item is a tensor, "
+        f"a mapping with a 'logits' tensor or an object with a .logits tensor. Override "
+        f"{owner}.model_outputs(output) (Task.model_outputs) to return the (batch, outputs) tensor the "
+        "loss and measurement read"
+    )
 
 
 class Task(ABC):
@@ -26,9 +83,37 @@ class Task(ABC):
     set yields them (stacked along the first dimension). ``loss`` and ``measurement``
     are traced by :mod:`torch.func` per example, so they must be written with batched
     tensor operations only (no ``.item()``, no Python branching on values).
+
+    ``outputs`` is the tensor :meth:`model_outputs` takes from what the model returns:
+    by default the model's tensor itself, the first item of a tuple, the ``"logits"``
+    entry of a dict or the ``.logits`` of a ``transformers`` ``ModelOutput``.
+
+    Models are attributed in eval mode: dropout off, BatchNorm on its running
+    statistics, and the examples of a batch independent. Set ``model_mode = "train"``
+    (a class attribute) to differentiate the model as it ran in training instead:
+    dropout is then active (each example draws its own mask, so features are random),
+    and BatchNorm normalizes with the statistics of the batch it is given, which for
+    per-example gradients is a single example (its running statistics are neither used
+    nor updated). Any other value is refused with :class:`ConfigurationError` when the
+    model and task are put together (``Attributor``, ``GradientComputer``).
+
+    Attributes
+    ----------
+    name : str
+        A short name for reports.
+    model_mode : {"eval", "train"}
+        The mode the model runs in while it is attributed (default ``"eval"``).
+    input_key, target_key : str or None
+        For data sets whose examples are mappings (a Hugging Face ``Dataset``): the
+        keys of the input and the target. ``None`` (the default) uses the one
+        well-known key the examples hold (:data:`srcproj.data.INPUT_KEYS`,
+        :data:`srcproj.data.TARGET_KEYS`) and refuses anything ambiguous.
     """
 
     name: str = "task"
+    model_mode: str = "eval"
+    input_key: str | None = None
+    target_key: str | None = None
 
     @abstractmethod
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -63,9 +148,44 @@ class Task(ABC):
     def validate_targets(self, targets: Tensor, num_outputs: int, what: str) -> None:  # noqa: B027 - optional hook
         """Raise :class:`DataError` when ``targets`` cannot belong to this task (default: accept)."""
 
+    def model_outputs(self, output: Any) -> Tensor:
+        """The tensor of shape ``(B, C)`` the loss and measurement read from the model's output.
+
+        Called on whatever the model's ``forward`` returns, for a batch and (inside
+        :mod:`torch.func` transforms) for one example at a time, so it must only select
+        or reshape (no ``.item()``, no Python branching on values).
+
+        Parameters
+        ----------
+        output : Any
+            What the model returned.
+
+        Returns
+        -------
+        Tensor
+            By default (:func:`default_model_outputs`): a tensor as it is; an object
+            with a tensor attribute ``logits`` (a ``transformers`` ``ModelOutput``):
+            ``output.logits``; a mapping with a ``"logits"`` key: that entry; a tuple
+            or list whose first item is a tensor: the first item.
+
+        Raises
+        ------
+        ConfigurationError
+            For any other output, naming its type; override this method for it.
+        """
+        return default_model_outputs(output, type(self).__name__)
+
     def describe(self) -> dict:
-        """A JSON-able description recorded in the store (a mismatch is refused on reopen)."""
-        return {"class": f"{type(self).__module__}.{type(self).__qualname__}"}
+        """A JSON-able description recorded in the store (a mismatch is refused on reopen).
+
+        The default names the class, and adds ``model_mode`` when it is not ``"eval"``
+        (so the descriptions of eval-mode tasks, and the stores that recorded them, stay
+        as before). A subclass that adds options should extend ``super().describe()``.
+        """
+        description: dict = {"class": f"{type(self).__module__}.{type(self).__qualname__}"}
+        if self.model_mode != "eval":
+            description["model_mode"] = self.model_mode
+        return description
 
 
 class ClassificationTask(Task):

@@ -6,7 +6,7 @@ import math
 import numbers
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Union
 
 from torch import Tensor
@@ -31,9 +31,10 @@ class Segment:
         Optimizer steps the segment took.
     lr : float or sequence of float
         The segment's mean learning rate, or one rate per step (``len(lr) == steps``).
-    data : Dataset or tuple (X, y)
-        The examples the segment trained on. Segments share training examples exactly
-        when they were given the same data object.
+    data : tuple (X, y), or an indexable of (x, y) pairs or of mappings
+        The examples the segment trained on (:mod:`srcproj.data`). Segments whose data
+        hold the same examples in the same order (the same fingerprint) share training
+        examples, whether they were given one object or equal copies.
     """
 
     checkpoints: Sequence[Checkpoint]
@@ -47,6 +48,12 @@ class Segment:
         if isinstance(self.checkpoints, (str, os.PathLike, Mapping)):
             self.checkpoints = [self.checkpoints]
         self.checkpoints = list(self.checkpoints)
+        # A one-shot iterator of per-step rates would be consumed by the first reading.
+        if not isinstance(self.lr, (numbers.Real, str, bytes)) and hasattr(self.lr, "__iter__"):
+            try:
+                self.lr = tuple(self.lr)
+            except TypeError:  # e.g. a 0-d array: validation names it
+                pass
 
     @property
     def total_lr(self) -> float:
@@ -110,7 +117,6 @@ class Trajectory:
     weight_decay: float = 0.0
     nesterov: bool = False
     dampening: float = 0.0
-    data_groups: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.segments = list(self.segments)
@@ -136,11 +142,6 @@ class Trajectory:
                 f"dampening={self.dampening!r} is not covered by SOURCE's derivation; "
                 "only SGD without dampening is supported"
             )
-        # Segments share examples exactly when they hold the same data object.
-        self.data_groups = []
-        for index, segment in enumerate(self.segments):
-            owner = next(j for j in range(index + 1) if self.segments[j].data is segment.data)
-            self.data_groups.append(owner)
 
     @property
     def checkpoint_index(self) -> list[tuple[int, int]]:
@@ -150,8 +151,3 @@ class Trajectory:
     def segment_time(self, index: int) -> float:
         """SOURCE's time ``a = sum(lr) / (1 - momentum)`` of a segment."""
         return self.segments[index].total_lr / (1.0 - float(self.momentum))
-
-    def segments_sharing_data(self, index: int) -> list[int]:
-        """The segments trained on the same data object as segment ``index``."""
-        group = self.data_groups[index]
-        return [s for s, g in enumerate(self.data_groups) if g == group]

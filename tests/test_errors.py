@@ -257,9 +257,10 @@ def test_training_X_and_y_of_different_lengths(tiny_run, store):
 
 
 @pytest.mark.parametrize("data, message", [
-    ((torch.zeros(4, 8),), r"tuple of 1 items; pass \(X, y\)"),
-    (([1.0] * 4, [0] * 4), r"X must be a torch tensor or a numpy array, got list"),
-    (42, r"must be a torch Dataset of \(x, y\) pairs or a tuple \(X, y\), got int"),
+    ((torch.zeros(4, 8),), r"example 0 is a Tensor, not an \(x, y\) pair.*tuple \(X, y\)"),
+    (([1.0] * 4, [0] * 4), r"example 0 is a list of 4 items, not an \(x, y\) pair"),
+    ((torch.zeros(4, 8), [0] * 4), r"with a list in it; X and y must both be torch tensors or numpy arrays"),
+    (42, r"must be a tuple \(X, y\) of arrays, or an indexable .* of \(x, y\) pairs or of mappings; got int"),
 ])
 def test_training_data_of_the_wrong_kind(tiny_run, store, data, message):
     path, baseline = store
@@ -301,7 +302,7 @@ def test_dataset_with_one_malformed_example(tiny_run, store):
 
 def test_dataset_whose_items_are_not_pairs(tiny_run, store):
     path, baseline = store
-    with pytest.raises(DataError, match=r"segment 0's data: item 0 is a tuple, not an \(x, y\) pair"):
+    with pytest.raises(DataError, match=r"segment 0's data: example 0 is a tuple of 1 item, not an \(x, y\) pair"):
         tiny_run.attributor(path, trajectory=tiny_run.trajectory(data=torch.utils.data.TensorDataset(tiny_run.X)))
     assert_store_intact(tiny_run, path, baseline)
 
@@ -584,8 +585,8 @@ def test_zarr_store_not_made_by_srcproj(tiny_run, tmp_path):
 
 # ---------------------------------------------------------------------------- scoring
 def test_scoring_segments_with_different_data(tiny_run, tmp_path):
-    """Segments 0 and 1 hold different data objects: scoring them together is refused."""
-    other = (tiny_run.X.clone(), tiny_run.y.clone())  # equal values, different object
+    """Segments 0 and 1 trained on different data sets: scoring them together is refused."""
+    other = (tiny_run.X.flip(0), tiny_run.y.flip(0))  # the same examples in another order
     traj = Trajectory([
         Segment(tiny_run.checkpoints[:1], 5, 0.1, tiny_run.data),
         Segment(tiny_run.checkpoints[1:], 5, 0.1, other),
@@ -599,7 +600,7 @@ def test_scoring_segments_with_different_data(tiny_run, tmp_path):
     for call in (lambda: attr.score(tiny_run.queries, segments=[0, 1]),
                  lambda: attr.top_k(tiny_run.queries, k=3, segments=[1, 0]),
                  lambda: attr.self_influence(segments=[0, 1])):
-        with pytest.raises(ConfigurationError, match=r"segments \[[01], [01]\] hold different data objects"):
+        with pytest.raises(ConfigurationError, match=r"segments \[[01], [01]\] trained on different data sets"):
             call()
 
     reopened = tiny_run.attributor(path, trajectory=traj)

@@ -185,7 +185,7 @@ def test_linear_regression_matches_unrolled_derivative_and_finer_segments_help(t
         bounds = np.linspace(0, steps, count + 1).astype(int)
         segments = [Segment([state(bounds[i]), state(bounds[i + 1])], steps=int(bounds[i + 1] - bounds[i]),
                             lr=lr, data=(X, y)) for i in range(count)]
-        # The same data object for every segment: they share the training examples.
+        # The same examples for every segment: they share the training examples.
         data = segments[0].data
         for seg in segments:
             seg.data = data
