@@ -2,8 +2,9 @@
 
 For each model, 256 per-example loss gradients g_i (synthetic inputs, seeded weights, as
 in ``benchmarks/featurize.py``; plus the 8-64-3 MLP of the tests) are projected with
-srcproj's dense ``RademacherProjector``, its factored ``KroneckerProjector`` and, on a
-GPU with fast-jl installed, ``FastJLProjector`` (128 feature tiles, and TRAK's choice:
+srcproj's dense ``RademacherProjector``, its factored ``KroneckerProjector`` (version 2,
+the default, and version 1: equal shares, random factors on both sides) and, on a GPU
+with fast-jl installed, ``FastJLProjector`` (128 feature tiles, and TRAK's choice:
 the GPU's multiprocessor count). Printed per projection:
 
 * ``gram error``: ‖P̂ − G‖_F / ‖G‖_F, where G is the exact float64 Gram matrix
@@ -99,7 +100,8 @@ def main() -> None:
         p = grads.shape[1]
         exact = grads.double() @ grads.double().T
         norms = exact.diagonal().sqrt()
-        projectors = {"dense": RademacherProjector(k, seed=0), "factored": KroneckerProjector(k, seed=0)}
+        projectors = {"dense": RademacherProjector(k, seed=0), "factored": KroneckerProjector(k, seed=0),
+                      "factored, version 1": KroneckerProjector(k, seed=0, version=1)}
         if fast_jl:
             projectors["fast-jl, 128 tiles"] = FastJLProjector(k, seed=0)
             sms = torch.cuda.get_device_properties(device).multi_processor_count

@@ -275,3 +275,168 @@ def describe_steps(scenario: Scenario) -> str:
     return "; ".join(parts)
 
 
+
+
+# --------------------------------------------------------------------------- any architecture
+# The trainer above is specialised to the 64 → 64 → 10 MLP for speed. The helpers below
+# train any buffer-free ``nn.Module`` on a :class:`Scenario` with the same recipe (SGD
+# with heavy-ball momentum and weight decay, batch 64, the same per-seed batch order),
+# M models side by side with ``torch.func.vmap``. ``make_model(seed)`` must return the
+# architecture with seeded initial weights (like :func:`srcproj.demo.make_mlp`).
+def load_standardised_digits(num_train: int = 1000, seed: int = 0):
+    """Digits with ``num_train`` training images, every pixel standardised.
+
+    The split is :func:`srcproj.demo.load_digits_split`'s (stratified, ``seed``) with the
+    other 1,797 - ``num_train`` images as the test set; each pixel is shifted and scaled
+    by the training set's mean and standard deviation (pixels constant in training are
+    only shifted).
+
+    Returns
+    -------
+    X_train, y_train, X_test, y_test : torch.Tensor
+        Inputs float32 ``(n, 64)``, labels int64.
+    """
+    X, y, Xt, yt = load_digits_split(seed=seed, test_size=1797 - int(num_train))
+    mean, std = X.mean(0), X.std(0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return (X - mean) / std, y, (Xt - mean) / std, yt
+
+
+def _stacked_init(make_model, seeds) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    models = [make_model(int(s)) for s in seeds]
+    if any(True for _ in models[0].buffers()):
+        raise ValueError("train_module_models handles models without buffers (no batch norm)")
+    names = [name for name, _ in models[0].named_parameters()]
+    params = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]) for name in names}
+    return models[0], params
+
+
+def train_module_models(make_model, scenario: Scenario, masks: np.ndarray, seeds: np.ndarray,
+                        protocol: str = "steps", checkpoints: dict[int, list[int]] | None = None):
+    """Train M models of any buffer-free architecture side by side, as :func:`train_models` does.
+
+    Parameters
+    ----------
+    make_model : callable
+        ``make_model(seed) -> nn.Module`` with seeded initial weights.
+    scenario, masks, seeds, protocol, checkpoints
+        As in :func:`train_models`.
+
+    Returns
+    -------
+    params : dict of str to torch.Tensor
+        Every parameter, stacked over the models (leading dimension M).
+    saved : dict of int to list of dict
+        Per stage, the stacked parameters after each step named in ``checkpoints``.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    masks = np.asarray(masks, dtype=bool)
+    if len(set(masks.sum(1).tolist())) != 1:
+        raise ValueError("every model of one call must keep the same number of examples")
+    M = len(seeds)
+    module, params = _stacked_init(make_model, seeds)
+
+    def mean_loss(p, x, y):
+        return F.cross_entropy(functional_call(module, p, (x,)), y)
+
+    gradient = vmap(grad(mean_loss))
+    saved: dict[int, list[dict[str, torch.Tensor]]] = {}
+    for stage_index, stage in enumerate(scenario.stages):
+        if stage.target:
+            index = torch.stack([torch.from_numpy(np.flatnonzero(m)) for m in masks])
+        else:
+            index = torch.arange(stage.X.shape[0]).expand(M, -1)
+        n = index.shape[1]
+        full_steps = stage.steps(stage.X.shape[0])
+        steps = stage.steps(n) if (stage.target and protocol == "epochs") else full_steps
+        generators = [torch.Generator().manual_seed(int(s) * 1009 + stage_index) for s in seeds]
+        buffers = {name: torch.zeros_like(p) for name, p in params.items()}
+        marks = set((checkpoints or {}).get(stage_index, []))
+        order, position = None, n
+        for step in range(1, steps + 1):
+            if position + BATCH > n:
+                order = torch.stack([torch.randperm(n, generator=g) for g in generators])
+                position = 0
+            picked = index.gather(1, order[:, position:position + BATCH])
+            position += BATCH
+            grads = gradient(params, stage.X[picked], stage.y[picked])
+            with torch.no_grad():
+                for name, p in params.items():
+                    buffers[name].mul_(MOMENTUM).add_(grads[name] + WEIGHT_DECAY * p)
+                    p.sub_(stage.lr * buffers[name])
+            if step in marks:
+                saved.setdefault(stage_index, []).append({name: p.clone() for name, p in params.items()})
+    return params, saved
+
+
+def unstack(params: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Per model, the state_dict of stacked parameters (from :func:`train_module_models`)."""
+    count = next(iter(params.values())).shape[0]
+    return [{name: p[i].clone() for name, p in params.items()} for i in range(count)]
+
+
+def module_margins(make_model, params: dict[str, torch.Tensor], X: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """(M, Q) classification margins of M stacked models on the queries."""
+    from torch.func import functional_call, vmap
+
+    module = make_model(0)
+    with torch.no_grad():
+        logits = vmap(lambda p: functional_call(module, p, (X,)))(params)
+    count = logits.shape[0]
+    return ClassificationTask().measurement(logits.reshape(count * X.shape[0], -1), y.repeat(count)) \
+        .reshape(count, -1).double().numpy()
+
+
+@dataclass(frozen=True)
+class ModuleGroundTruthFn:
+    """The picklable batched ``train_fn(masks, seeds) -> (M, Q)`` of :func:`srcproj.eval.retrain`.
+
+    ``build`` is a picklable callable (a module-level function or a ``functools.partial``
+    of one) returning ``(scenario, make_model)``; it is called once per process.
+    """
+
+    build: object
+    protocol: str
+
+    def __call__(self, masks: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        key = repr(self.build)
+        if key not in _BUILT:
+            _BUILT[key] = self.build()
+        scenario, make_model = _BUILT[key]
+        params, _ = train_module_models(make_model, scenario, masks, seeds, self.protocol)
+        return module_margins(make_model, params, *scenario.queries)
+
+
+_BUILT: dict[str, tuple] = {}
+
+
+def module_attributed_run(make_model, scenario: Scenario, seed: int, per_segment: int = 2):
+    """Train the model to attribute (all data) and describe its run to srcproj.
+
+    Like :func:`attributed_run` with the ``default`` layout, for any architecture: each
+    stage saves ``per_segment × stage.segments`` evenly spaced checkpoints (the last at
+    its final step), ``per_segment`` to a segment.
+
+    Returns
+    -------
+    final : dict
+        The final state_dict.
+    segments : list of (stage index, list of state_dict, steps)
+        The trajectory's segments, in training order.
+    """
+    marks, plan = {}, []
+    for stage_index, stage in enumerate(scenario.stages):
+        steps = stage.steps(stage.X.shape[0])
+        count = per_segment * stage.segments
+        marks[stage_index] = [round(steps * (c + 1) / count) for c in range(count)]
+        start = 0
+        for first in range(0, count, per_segment):
+            end = marks[stage_index][first + per_segment - 1]
+            plan.append((stage_index, first, end - start))
+            start = end
+    full = np.ones((1, scenario.num_targets), dtype=bool)
+    params, saved = train_module_models(make_model, scenario, full, np.array([seed]), "steps", marks)
+    states = {i: [unstack(p)[0] for p in saved[i]] for i in saved}
+    segments = [(i, states[i][first:first + per_segment], steps) for i, first, steps in plan]
+    return unstack(params)[0], segments

@@ -65,6 +65,13 @@ class Attributor(AttributionMethod):
         Gauss-Newton estimator; "auto" is "exact" for at most 20 outputs, else "fisher".
     fisher_samples : int
         Sampled labels per example for the "fisher" estimator.
+    hessian_sample : int, optional
+        Estimate each checkpoint's Hessian, an average over the training examples,
+        from about this many of them (a seeded random subset, drawn per checkpoint and
+        row chunk) instead of all (the default, ``None``). Features still cover every
+        example. A visible approximation that cuts the Hessian's cost where it is one
+        projection per output (layers outside docs/math.md §10: convolutions, layers
+        over sequences); recorded in the store.
     feature_dtype : {"float16", "float32", "float64"}
         Storage precision of per-checkpoint features (caches are float32, or float64
         with float64 features).
@@ -93,13 +100,15 @@ class Attributor(AttributionMethod):
 
     def __init__(self, model: nn.Module, task: Task, trajectory: Trajectory, store: Any, proj_dim: int = 2048,
                  seed: int = 0, *, projector: Projector | None = None, modules: Sequence[str] | None = None,
-                 hessian: str = "auto", fisher_samples: int = 1, feature_dtype: str = "float16",
+                 hessian: str = "auto", fisher_samples: int = 1, hessian_sample: int | None = None,
+                 feature_dtype: str = "float16",
                  chunk_size: int = 1024, device: str | torch.device | None = None, query: str = "last_segment",
                  distributed: bool | None = None) -> None:
         self.query = check_choice(query, "query", _QUERY_MODES)
         projector = RademacherProjector(proj_dim, seed) if projector is None else projector
         self.context = AttributionContext.from_trajectory(
             model, task, trajectory, projector, modules=modules, hessian=hessian, fisher_samples=fisher_samples,
+            hessian_sample=hessian_sample,
             feature_dtype=feature_dtype, chunk_size=chunk_size, device=device)
         self.trajectory = trajectory
         self._collective = Collective(distributed)

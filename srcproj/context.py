@@ -121,6 +121,7 @@ class AttributionContext:
     @classmethod
     def from_trajectory(cls, model: nn.Module, task: Task, trajectory: Trajectory, projector: Projector, *,
                         modules: Sequence[str] | None, hessian: str, fisher_samples: int, feature_dtype: str,
+                        hessian_sample: int | None = None,
                         chunk_size: int, device: Any) -> AttributionContext:
         """Validate the user's inputs and read every checkpoint once (digests, shapes)."""
         if not isinstance(trajectory, Trajectory):
@@ -128,6 +129,8 @@ class AttributionContext:
         check_choice(feature_dtype, "feature_dtype", FEATURE_DTYPES)
         check_positive_int(chunk_size, "chunk_size")
         check_positive_int(fisher_samples, "fisher_samples")
+        if hessian_sample is not None:
+            check_positive_int(hessian_sample, "hessian_sample")
         if not isinstance(projector, Projector):
             raise ConfigurationError(f"projector must be a srcproj Projector, got {type(projector).__name__}")
         computer = GradientComputer(model, task, modules)
@@ -154,6 +157,7 @@ class AttributionContext:
                 task.validate_targets(source.all_targets(), context.num_outputs, source.what)
         context.estimator = choose_estimator(hessian, task, context.num_outputs, fisher_samples)
         context.trajectory = trajectory
+        context.hessian_sample = None if hessian_sample is None else int(hessian_sample)
         context.bind(sources[0].rows(0, min(2, len(sources[0])))[0])
         return context
 
@@ -224,6 +228,7 @@ class AttributionContext:
                       segment_sizes=list(layout.shape.segment_sizes))
         context.digests = digests
         context.trajectory = None
+        context.hessian_sample = meta.get("hessian_sample")
         context._expected_projector = meta["projector"]
         return context
 
@@ -250,6 +255,7 @@ class AttributionContext:
             "num_outputs": self.num_outputs,
             "hessian": self.estimator.name,
             "fisher_samples": self.estimator.samples if isinstance(self.estimator, SampledFisher) else 1,
+            "hessian_sample": self.hessian_sample,
             "feature_dtype": self.feature_dtype,
             "chunk_size": self.chunk_size,
             "segments": segments,
@@ -398,6 +404,26 @@ class AttributionContext:
             parts.append(features.detach())
         return torch.cat(parts)
 
+    def loss_features(self, projected: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Projected loss gradients from projected output Jacobians: ``P ∇L = (P Jᵀ) ∂L/∂f``.
+
+        ``projected`` (B, C, k) and ``outputs`` (B, C) as :meth:`ProjectedGradients.output_features`
+        gives them: the loss depends on the parameters only through the outputs, so the
+        chain rule makes the feature a combination of the C projected Jacobian rows, at
+        no projection's cost. Returned in float64.
+        """
+        task = self.task
+
+        def single(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return task.loss(output.unsqueeze(0), target.unsqueeze(0)).sum()
+
+        try:
+            slopes = torch.func.vmap(torch.func.grad(single))(outputs.detach(), targets.to(outputs.device))
+        except RuntimeError as exc:
+            raise DataError(f"the task's loss failed on outputs of shape {tuple(outputs.shape)} and targets of "
+                            f"shape {tuple(targets.shape)}: {exc}") from exc
+        return torch.einsum("bck,bc->bk", projected.to(torch.float64), slopes.to(projected.device, torch.float64))
+
     def measurement_features(self, source: ExampleSource, start: int, stop: int, batch_size: int,
                              mode: str | Sequence[int]) -> np.ndarray:
         """ψ of rows ``start..stop-1``, averaged over the query checkpoints of ``mode``
@@ -416,6 +442,22 @@ class AttributionContext:
         source = ExampleSource(queries, "the query set", self.task)
         self.task.validate_targets(source.all_targets(), self.num_outputs, source.what)
         return source
+
+    def hessian_rows(self, checkpoint: int, chunk: int, start: int, stop: int) -> np.ndarray | None:
+        """The rows of a chunk whose Gauss-Newton rows enter the Hessian; ``None``: all of them.
+
+        With ``hessian_sample = m`` each chunk gives its share of m (at least one row),
+        drawn without replacement by a generator seeded with the projection's seed, the
+        checkpoint and the chunk: the same rows whichever rank computes it.
+        """
+        rows = stop - start
+        total = self.segment_sizes[self.segment_of(checkpoint)]
+        if self.hessian_sample is None or self.hessian_sample >= total:
+            return None
+        take = min(rows, max(1, round(self.hessian_sample * rows / total)))
+        seed = int(self.projector.describe().get("seed", 0))
+        generator = np.random.default_rng([seed % (1 << 63), checkpoint, chunk, 0x4853])
+        return start + np.sort(generator.choice(rows, size=take, replace=False))
 
     def fisher_generator(self, checkpoint: int, chunk: int) -> torch.Generator:
         """The label sampler of one checkpoint's row chunk: the same whichever rank computes it."""

@@ -174,6 +174,19 @@ class ExampleSource:
             ) from None
         return _as_tensor(inputs, f"{self.what}: x"), _as_tensor(targets, f"{self.what}: y")
 
+    def take(self, indices: np.ndarray) -> tuple[Tensor, Tensor]:
+        """The examples at ``indices`` (increasing), stacked as ``(inputs, targets)``."""
+        if self._tensors is not None:
+            index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+            return self._tensors[0][index], self._tensors[1][index]
+        items = [self._pair(self._dataset[int(i)], int(i)) for i in indices]
+        try:
+            inputs, targets = default_collate(items)
+        except (RuntimeError, TypeError) as exc:
+            raise DataError(f"{self.what}: examples {list(indices)[:5]}... cannot be stacked into a batch ({exc}); "
+                            "every example must have the same input shape and target type") from None
+        return _as_tensor(inputs, f"{self.what}: x"), _as_tensor(targets, f"{self.what}: y")
+
     def all_targets(self) -> Tensor:
         """Every target, for validation."""
         if self._tensors is not None:

@@ -802,6 +802,28 @@ class GradientComputer:
 
 
 # ---------------------------------------------------------------------------- gradient backends
+@dataclass(frozen=True)
+class _Footprint:
+    """What one example costs in a forward pass (:meth:`GradientBackend._footprint`)."""
+
+    outputs: int  # C, the model outputs the task reads
+    activations: int  # entries of the input and of the leaf modules' outputs
+    positions: dict[str, int]  # for each Linear module: input vectors it received (positions × calls)
+
+
+def _in_slices(rows: int, step: int) -> Iterator[tuple[int, int]]:
+    """``(lo, hi)`` of consecutive slices of ``step`` rows covering ``rows``."""
+    for lo in range(0, rows, step):
+        yield lo, min(rows, lo + step)
+
+
+def _cat_outputs(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The ``(projected, outputs)`` pairs of consecutive sub-batches, as one."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p for p, _ in parts]), torch.cat([o for _, o in parts])
+
+
 class GradientBackend(ABC):
     """How the per-example gradients of one model and task reach a projector.
 
@@ -812,15 +834,20 @@ class GradientBackend(ABC):
     ``fallback``: the backend to keep to from now on when this one raises
     :class:`DataError` on a batch and the fallback does not (``None``: the error stands).
 
+    ``memory_bytes``: the working memory :meth:`output_features` aims to stay under,
+    whatever the number of rows it is given: it splits them into sub-batches sized
+    from one example's footprint (:meth:`_footprint`, an estimate). The result
+    ``(B, C, k)`` itself and, for :class:`DenseHookBackend`, the layer inputs and
+    output gradients it keeps for a whole call come on top.
+
     Every gradient row a backend forms reaches the projector through :meth:`_project`.
     The interface leaves room for backends and steps not written yet:
 
-    * contracting once: a backend that contracts the projection with a layer's input
-      activation once per batch and applies the result to several backpropagated
-      vectors (the loss's and the C outputs' directions) in one pass. Like
-      :class:`FactoredBackend` it would capture the inputs itself, and
-      :meth:`features` and :meth:`output_features` are methods of one object so that
-      it can share those captures between them;
+    * contracting once: :class:`DenseHookBackend` contracts the projection with a
+      Linear layer's input once per example and applies the result to the C outputs'
+      backpropagated vectors (docs/math.md §10) in :meth:`output_features`; the loss's
+      vector could join them, as :meth:`features` and :meth:`output_features` are
+      methods of one object that could share those captures;
     * preconditioning: an elementwise preconditioner of the gradient rows belongs in
       :meth:`_project`, applied piece by piece before the projector sees them (each
       piece's columns are known from :attr:`GradientPieces.sizes`);
@@ -836,10 +863,51 @@ class GradientBackend(ABC):
     """
 
     fallback: GradientBackend | None = None
+    memory_bytes: int = 256 << 20
 
     def __init__(self, computer: GradientComputer, projector: Projector) -> None:
         self.computer = computer
         self.projector = projector
+        self._footprints: dict[tuple, _Footprint] = {}
+
+    def _footprint(self, trainable: dict, fixed: dict, x: Tensor) -> _Footprint:
+        """One example's outputs and activations, from one forward pass of ``x[0]``
+        (``x`` prepared, at least one row) with hooks on the leaf modules, in eval mode
+        (a batch of one is fine there); kept per input shape, dtype and device."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        found = self._footprints.get(key)
+        if found is not None:
+            return found
+        computer = self.computer
+        one = x[:1]
+        entries = [int(one.numel())]
+        positions: dict[str, int] = {}
+
+        def hook(name: str) -> Callable:
+            def record(module: nn.Module, args: tuple, output: Any) -> None:
+                tensors = output if isinstance(output, (tuple, list)) else (output,)
+                entries[0] += sum(int(t.numel()) for t in tensors if isinstance(t, Tensor))
+                if isinstance(module, nn.Linear) and args and isinstance(args[0], Tensor):
+                    calls = int(args[0].numel()) // max(1, module.in_features)
+                    positions[name] = positions.get(name, 0) + calls
+
+            return record
+
+        handles = [module.register_forward_hook(hook(name)) for name, module in computer.model.named_modules()
+                   if isinstance(module, nn.Linear) or next(module.children(), None) is None]
+        try:
+            with torch.no_grad(), computer.running("eval"):
+                outputs = computer.forward(trainable, fixed, one)
+        finally:
+            for handle in handles:
+                handle.remove()
+        found = _Footprint(int(outputs.reshape(1, -1).shape[1]), entries[0], positions)
+        self._footprints[key] = found
+        return found
+
+    def _rows_per_pass(self, row_bytes: int) -> int:
+        """Rows whose working memory (``row_bytes`` each) fits :attr:`memory_bytes`; at least one."""
+        return max(1, int(self.memory_bytes) // max(1, int(row_bytes)))
 
     @abstractmethod
     def features(self, trainable: dict, fixed: dict, x: Tensor, y: Tensor, kind: str = "loss") -> Tensor:
@@ -873,10 +941,72 @@ class VmapBackend(GradientBackend):
         return self._project(GradientPieces.of(pieces))
 
     def output_features(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The C Jacobian rows of each example ``(B, C, p)`` from ``vmap(jacrev)``, projected,
+        a sub-batch at a time (the rows take ``C · p`` entries per example, twice over)."""
+        computer = self.computer
+        x, _ = computer.prepare(trainable, x, torch.zeros(0))
+        if x.shape[0] == 0:
+            return self._output_features(trainable, fixed, x)
+        footprint = self._footprint(trainable, fixed, x)
+        size = next(iter(trainable.values())).element_size()
+        step = self._rows_per_pass(size * footprint.outputs * (2 * computer.num_params + 2 * footprint.activations))
+        return _cat_outputs([self._output_features(trainable, fixed, x[lo:hi])
+                             for lo, hi in _in_slices(x.shape[0], step)])
+
+    def _output_features(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:
         jacobians, outputs = self.computer.output_jacobians(trainable, fixed, x)
         batch, num_outputs, num_params = jacobians.shape
         projected = self._project(GradientPieces.of([jacobians.reshape(batch * num_outputs, num_params)]))
         return projected.reshape(batch, num_outputs, -1), outputs
+
+
+def _gives_rows(projector: Projector) -> bool:
+    """Whether ``projector`` is :class:`~srcproj.RademacherProjector`'s map, whose rows
+    (``row_blocks``, ``rows_of``) :meth:`DenseHookBackend.output_features` may contract
+    directly: a subclass with its own ``project_pieces`` or rows keeps to its own."""
+    from .projection import RademacherProjector  # srcproj.projection imports this module
+
+    kind = type(projector)
+    return (isinstance(projector, RademacherProjector)
+            and kind.project_pieces is RademacherProjector.project_pieces
+            and kind.row_blocks is RademacherProjector.row_blocks and kind.rows_of is RademacherProjector.rows_of)
+
+
+class _FusedPlan:
+    """The attributed parameters' offsets in the projected rows (``param_names`` order)."""
+
+    def __init__(self, names: Sequence[str], trainable: Mapping[str, Tensor], dtype: torch.dtype) -> None:
+        self.sizes = {n: int(trainable[n].numel()) for n in names}
+        self.offsets: dict[str, int] = {}
+        offset = 0
+        for n in names:
+            self.offsets[n] = offset
+            offset += self.sizes[n]
+        self.num_params = offset
+        self.dtype = dtype
+        self.element_size = torch.empty(0, dtype=dtype).element_size()
+
+
+def _layer_output_jacobians(layer: FactoredLayer, module: nn.Module, inputs: Sequence[Tensor],
+                            deltas: Sequence[Sequence[Tensor]]) -> tuple[Tensor, Tensor | None]:
+    """Per-example weight and bias Jacobians of C outputs, ``(B, C, d_out · d_in)`` and
+    ``(B, C, d_out)`` (``None`` without an attributed bias): ``Σ_t δ_{c,t} a_tᵀ`` summed
+    over the module's calls, all C in one batched product per call.
+
+    ``inputs``: the layer's inputs, one per call; ``deltas[c]``: output ``c``'s gradients
+    ``(B, T, d_out)`` of each call (:meth:`LayerCapture.backward`).
+    """
+    weight = bias = None
+    for call, x in enumerate(inputs):
+        a = layer_inputs(layer, module, x)  # (B, T, d_in)
+        delta = torch.stack([d[call] for d in deltas], dim=1)  # (B, C, T, d_out)
+        batch, num_outputs, positions, d_out = delta.shape
+        term = torch.bmm(delta.transpose(2, 3).reshape(batch, num_outputs * d_out, positions), a)
+        weight = term if weight is None else weight.add_(term)
+        if layer.bias is not None:
+            summed = delta.sum(dim=2)
+            bias = summed if bias is None else bias.add_(summed)
+    return weight.view(weight.shape[0], len(deltas), -1), bias
 
 
 class DenseHookBackend(GradientBackend):
@@ -889,11 +1019,19 @@ class DenseHookBackend(GradientBackend):
     time, in one buffer kept for later batches (batch size × the largest layer's
     parameters): the same gradients as :class:`VmapBackend`'s, so the same features.
 
-    In training mode (the examples of a batch are then not independent) and for the
-    Jacobians of :meth:`output_features`, the vmap backend does the work. A task whose
-    objective is not one value per example of a batch (it sums or averages) cannot use
-    one batched backward pass: its :class:`DataError` makes :class:`ProjectedGradients`
-    keep to the vmap backend (``fallback``) from then on, if that succeeds.
+    The Jacobians of :meth:`output_features` cost about one projection per example on
+    the Linear layers that receive one input vector per example (docs/math.md §10):
+    the layer's block of P, seen as k×o×i, is contracted with the input ``a`` once,
+    and each output's backpropagated vector ``δ_c`` then costs ``k·o``. The other
+    parameters' Jacobian rows are formed and projected with the matching rows of P.
+
+    In training mode (the examples of a batch are then not independent), and for the
+    Jacobians with a projector that does not give the rows of its matrix
+    (:meth:`~srcproj.RademacherProjector.row_blocks`, with its own ``project_pieces``),
+    the vmap backend does the work. A task whose objective is not one value per
+    example of a batch (it sums or averages) cannot use one batched backward pass: its
+    :class:`DataError` makes :class:`ProjectedGradients` keep to the vmap backend
+    (``fallback``) from then on, if that succeeds.
 
     Parameters
     ----------
@@ -974,7 +1112,147 @@ class DenseHookBackend(GradientBackend):
         return self._project(GradientPieces(sizes, piece, batch, reference.dtype, reference.device))
 
     def output_features(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.fallback.output_features(trainable, fixed, x)
+        """Projected Jacobians ``(B, C, k)`` and outputs ``(B, C)``, the same as
+        :class:`VmapBackend`'s (docs/math.md §10).
+
+        The rows go through the model in sub-batches (one forward with hooks, C backward
+        passes), sized to :attr:`memory_bytes`. A Linear layer called once with one input
+        vector per example keeps its inputs ``a (B, i)`` and output gradients
+        ``δ (B, C, o)`` for all the rows of the call; then, a block of its output rows at
+        a time, ``P_W ×₃ a`` is formed for every example and applied to the C vectors.
+        P's rows are so generated once per call, whatever the number of rows (calls
+        with more rows than fit :attr:`memory_bytes` are split in groups). Other hooked
+        layers (Conv2d, Linear over positions) give their Jacobian rows from the same
+        captures (``Σ_t δ_t a_tᵀ``, all C at once), the other parameters from vmap; they
+        are projected with their rows of P sub-batch by sub-batch.
+        """
+        computer, projector = self.computer, self.projector
+        if computer.model.training or not _gives_rows(projector):
+            return self.fallback.output_features(trainable, fixed, x)
+        x, _ = computer.prepare(trainable, x, torch.zeros(0))
+        rows = x.shape[0]
+        if rows == 0:
+            return self.fallback.output_features(trainable, fixed, x)
+        reference = next(iter(trainable.values()))
+        dtype = torch.promote_types(reference.dtype, torch.float32)  # projection.accumulation_dtype
+        plan = _FusedPlan(computer.param_names, trainable, dtype)
+        footprint = self._footprint(trainable, fixed, x)
+        num_outputs = footprint.outputs
+        fused = {index for index, layer in enumerate(self.layers)
+                 if layer.kind == "linear" and footprint.positions.get(layer.module) == 1}
+        slow = sum(plan.sizes[n] for index, layer in enumerate(self.layers) if index not in fused
+                   for n in (layer.weight, layer.bias) if n is not None) + sum(plan.sizes[n] for n in self.others)
+        # A sub-batch holds the graph, C sets of output gradients (each about the
+        # activations) and the unfused parameters' Jacobian rows (twice: formed, cast).
+        step = self._rows_per_pass(reference.element_size() * ((num_outputs + 3) * footprint.activations
+                                                               + 2 * num_outputs * slow))
+        # A group keeps the fused layers' a and δ for all its rows, and one output row
+        # of P_W ×₃ a per example, within half the budget: P is generated once per group.
+        kept = sum(self.layers[i].d_in + num_outputs * self.layers[i].d_out for i in fused)
+        group = self._rows_per_pass(2 * plan.element_size * (kept + projector.proj_dim))
+        projected = torch.zeros(rows, num_outputs, projector.proj_dim, dtype=dtype, device=reference.device)
+        outputs = torch.empty(rows, num_outputs, dtype=reference.dtype, device=reference.device)
+        for g_lo, g_hi in _in_slices(rows, group):
+            kept_rows: dict[int, tuple[Tensor, Tensor]] = {}
+            for lo, hi in _in_slices(g_hi - g_lo, step):
+                self._capture_jacobians(trainable, fixed, x[g_lo + lo:g_lo + hi], plan, kept_rows,
+                                        (lo, hi, g_hi - g_lo), projected[g_lo + lo:g_lo + hi],
+                                        outputs[g_lo + lo:g_lo + hi])
+            for index in sorted(kept_rows, key=lambda i: plan.offsets[self.layers[i].weight]):
+                a, delta = kept_rows.pop(index)  # the layer's captures go once contracted
+                self._contract(self.layers[index], a, delta, plan, projected[g_lo:g_hi])
+        return projected, outputs
+
+    def _capture_jacobians(self, trainable: dict, fixed: dict, x: Tensor, plan: _FusedPlan,
+                           kept_rows: dict[int, tuple[Tensor, Tensor]], where: tuple[int, int, int],
+                           projected: Tensor, outputs: Tensor) -> None:
+        """One sub-batch: a forward with hooks and C backward passes. Fills ``outputs``;
+        stores the inputs and output gradients of the fused layers in ``kept_rows``
+        (rows ``where[0] .. where[1] - 1`` of ``where[2]``); adds the projected Jacobian
+        rows of the other parameters to ``projected`` ``(b, C, k)``."""
+        computer = self.computer
+        batch, num_outputs = x.shape[0], outputs.shape[1]
+        capture = LayerCapture(computer.model, self.layers, lambda index, module, a: a.clone(), computer.outputs)
+        with torch.enable_grad():  # the caller may be under no_grad: keep the graph
+            result = capture.forward({**trainable, **fixed}, x).reshape(batch, -1)
+        if result.shape[1] != num_outputs:
+            raise DataError(f"the model gave {result.shape[1]} outputs per example for a batch of {batch} and "
+                            f"{num_outputs} for one example; the Jacobians need the same outputs whatever the batch")
+        outputs.copy_(result.detach())
+        per_output = []  # δ of every layer and call, for each output
+        for c in range(num_outputs):
+            with torch.enable_grad():
+                objective = result[:, c].sum()
+            per_output.append(capture.backward(objective, retain_graph=c < num_outputs - 1))
+        del result  # the last backward pass freed the graph
+        flat = projected.view(batch * num_outputs, -1)
+        lo, hi, group = where
+        for index, layer in enumerate(self.layers):
+            inputs, module = capture.inputs[index], capture.modules[index]
+            deltas = [per_output[c][index] for c in range(num_outputs)]
+            if not inputs:  # the module was not called: zero Jacobians
+                continue
+            a = layer_inputs(layer, module, inputs[0]) if layer.kind == "linear" and len(inputs) == 1 else None
+            if a is not None and a.shape[1] == 1:  # one outer product per output: kept for §10
+                if index not in kept_rows:
+                    kept_rows[index] = (
+                        torch.zeros(group, layer.d_in, dtype=plan.dtype, device=x.device),
+                        torch.zeros(group, num_outputs, layer.d_out, dtype=plan.dtype, device=x.device))
+                a_rows, delta_rows = kept_rows[index]
+                a_rows[lo:hi] = a[:, 0]
+                delta_rows[lo:hi] = torch.stack([d[0][:, 0] for d in deltas], dim=1)
+                continue
+            weight, bias = _layer_output_jacobians(layer, module, inputs, deltas)
+            self._project_columns(weight.view(batch * num_outputs, -1), plan.offsets[layer.weight], plan, flat)
+            del weight
+            if bias is not None:
+                self._project_columns(bias.view(batch * num_outputs, -1), plan.offsets[layer.bias], plan, flat)
+        del per_output
+        if self.others:
+            jacobians, _ = computer.output_jacobians(trainable, fixed, x, names=self.others)
+            jacobians = jacobians.reshape(batch * num_outputs, -1)
+            column = 0
+            for name in self.others:
+                size = plan.sizes[name]
+                self._project_columns(jacobians[:, column:column + size], plan.offsets[name], plan, flat)
+                column += size
+
+    def _project_columns(self, values: Tensor, lo: int, plan: _FusedPlan, out: Tensor) -> None:
+        """``out (R, k) += values (R, width) @ Pᵀ[lo : lo + width]``, one block of P at a time."""
+        for a, b, rows in self.projector.row_blocks(lo, lo + values.shape[1], plan.dtype, out.device,
+                                                    plan.num_params):
+            columns = values[:, a - lo:b - lo]
+            if columns.dtype != plan.dtype:
+                columns = columns.to(plan.dtype)
+            out.addmm_(columns, rows)
+
+    def _contract(self, layer: FactoredLayer, a: Tensor, delta: Tensor, plan: _FusedPlan, out: Tensor) -> None:
+        """``out (B, C, k) += Σ_r δ[:, :, r] (P_W ×₃ a)[:, r]`` and the bias's ``P_b δ``.
+
+        The weight's rows of Pᵀ, ``(o · i, k)`` seen as ``(o, i, k)`` (row-major ``W``),
+        are taken a block of output rows at a time; ``(P_W ×₃ a)`` of those rows,
+        ``(rows, B, k)``, is one matrix product per output row.
+        """
+        k, d_out, d_in = out.shape[2], layer.d_out, layer.d_in
+        batch, num_outputs = a.shape[0], delta.shape[1]
+        device, size = out.device, plan.element_size
+        # P's rows and the contracted rows of a block within half the budget.
+        block = max(1, min(d_out, (self.memory_bytes // 2) // (size * k * (batch + d_in))))
+        contracted = torch.empty(block, batch, k, dtype=plan.dtype, device=device)
+        buffer = torch.empty(block * d_in * k, dtype=plan.dtype, device=device)
+        start = plan.offsets[layer.weight]
+        for r_lo in range(0, d_out, block):
+            r_hi = min(d_out, r_lo + block)
+            rows = self.projector.rows_of(start + r_lo * d_in, start + r_hi * d_in, plan.dtype, device,
+                                          plan.num_params, out=buffer).view(r_hi - r_lo, d_in, k)
+            part = contracted[: r_hi - r_lo]
+            for r in range(r_hi - r_lo):
+                torch.mm(a, rows[r], out=part[r])
+            out.baddbmm_(delta[:, :, r_lo:r_hi], part.transpose(0, 1))
+        if layer.bias is not None:
+            bias = self.projector.rows_of(plan.offsets[layer.bias], plan.offsets[layer.bias] + d_out, plan.dtype,
+                                          device, plan.num_params, out=buffer)
+            out.view(batch * num_outputs, k).addmm_(delta.view(batch * num_outputs, d_out), bias)
 
 
 class FactoredBackend(GradientBackend):
@@ -1022,10 +1300,26 @@ class FactoredBackend(GradientBackend):
 
     def output_features(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:
         computer, projector = self.computer, self.projector
-        layers = projector.require_bound(computer.param_names)
+        projector.require_bound(computer.param_names)
         if computer.model.training:
             return self._rows.output_features(trainable, fixed, x)
         x, _ = computer.prepare(trainable, x, torch.zeros(0))
+        if x.shape[0] == 0:
+            return self._output_features(trainable, fixed, x)
+        # Per example: the graph and C sets of output gradients (about the activations
+        # each), C feature rows and the other parameters' Jacobian rows.
+        footprint = self._footprint(trainable, fixed, x)
+        size = next(iter(trainable.values())).element_size()
+        dense = sum(int(trainable[n].numel()) for n in projector.dense_params)
+        outputs = footprint.outputs
+        step = self._rows_per_pass(size * ((outputs + 3) * footprint.activations
+                                           + outputs * (projector.proj_dim + 2 * dense)))
+        return _cat_outputs([self._output_features(trainable, fixed, x[lo:hi])
+                             for lo, hi in _in_slices(x.shape[0], step)])
+
+    def _output_features(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:
+        computer, projector = self.computer, self.projector
+        layers = projector.require_bound(computer.param_names)
         reference = next(iter(trainable.values()))
         dtype, device, batch = reference.dtype, reference.device, x.shape[0]
         capture = LayerCapture(computer.model, layers, projector.project_inputs, computer.outputs)
@@ -1123,5 +1417,11 @@ class ProjectedGradients:
         return features
 
     def output_features(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Projected per-example Jacobians of the C outputs ``(B, C, k)`` and the outputs ``(B, C)``."""
+        """Projected per-example Jacobians of the C outputs ``(B, C, k)`` and the outputs ``(B, C)``.
+
+        Callers may pass any number of rows (a whole store chunk): every backend splits
+        them into sub-batches that keep its working memory near its ``memory_bytes``
+        (:class:`GradientBackend`), and :class:`DenseHookBackend` generates the
+        projection's blocks once per call, so more rows per call cost less per row.
+        """
         return self.backend.output_features(trainable, fixed, x)

@@ -9,6 +9,10 @@ Layout (``c`` a checkpoint in training order, ``l`` a segment)::
     features/ckpt_{c}_done         (n_chunks,) which row chunks are durably written
     hessians/ckpt_{c}              (k, k) float64 projected Gauss-Newton Hessian
     hessians/done                  (n_checkpoints,)
+    hessians/ckpt_{c}_parts        (n_chunks, k, k) float64 sum over each row chunk, while the
+                                   Hessian is being computed (deleted once it is written)
+    hessians/ckpt_{c}_counts       (n_chunks,) examples in each part
+    hessians/ckpt_{c}_parts_done   (n_chunks,)
     segments/seg_{l}/eigenvalues   (k,) of the segment's mean Hessian + wd·I
     segments/seg_{l}/eigenvectors  (k, k)
     segments/done                  (n_segments,)
@@ -43,7 +47,8 @@ from .errors import StoreError
 from .store import AttributionStore, metadata_differences
 
 __all__ = ["STAGES", "StoreLayout", "decode_float16_rows", "encode_float16_rows", "features", "feature_scale",
-           "features_done", "hessian", "HESSIANS_DONE", "eigenvalues",
+           "features_done", "hessian", "hessian_counts", "hessian_parts", "hessian_parts_done", "HESSIANS_DONE",
+           "eigenvalues",
            "eigenvectors", "SPECTRA_DONE", "cache", "cache_done", "query_checkpoint", "QUERY_DONE"]
 
 #: The stages of featurization, in order; a stage depends on every stage before it.
@@ -71,6 +76,18 @@ def features_done(checkpoint: int) -> str:
 
 def hessian(checkpoint: int) -> str:
     return f"hessians/ckpt_{checkpoint}"
+
+
+def hessian_parts(checkpoint: int) -> str:
+    return f"hessians/ckpt_{checkpoint}_parts"
+
+
+def hessian_counts(checkpoint: int) -> str:
+    return f"hessians/ckpt_{checkpoint}_counts"
+
+
+def hessian_parts_done(checkpoint: int) -> str:
+    return f"hessians/ckpt_{checkpoint}_parts_done"
 
 
 def eigenvalues(segment: int) -> str:
@@ -221,6 +238,44 @@ class StoreLayout:
     def hessian(self, checkpoint: int) -> zarr.Array:
         return self.store.array(hessian(checkpoint), (self.proj_dim, self.proj_dim), "float64")
 
+    def hessian_parts(self, checkpoint: int) -> tuple[zarr.Array, zarr.Array, zarr.Array]:
+        """``(parts, counts, flags)``: the per-chunk Gauss-Newton sums of a checkpoint being computed."""
+        chunks, k = len(self.chunks(self.segment_of(checkpoint))), self.proj_dim
+        return (self.store.array(hessian_parts(checkpoint), (chunks, k, k), "float64", chunks=(1, k, k)),
+                self.store.array(hessian_counts(checkpoint), (chunks,), "float64", chunks=(1,), compressed=False),
+                self.store.flags(hessian_parts_done(checkpoint), chunks))
+
+    def hessian_parts_done(self, checkpoint: int) -> np.ndarray:
+        return self._flags(hessian_parts_done(checkpoint), len(self.chunks(self.segment_of(checkpoint))))
+
+    def write_hessian_part(self, checkpoint: int, chunk: int, total: np.ndarray, count: int) -> None:
+        """Durably store one row chunk's float64 sum of outer products, then flag it."""
+        parts, counts, flags = self.hessian_parts(checkpoint)
+        self.store.write_durably(parts, chunk, total[None])
+        self.store.write_durably(counts, chunk, np.array([float(count)]))
+        flags[chunk] = True
+
+    def sum_hessian_parts(self, checkpoint: int) -> tuple[np.ndarray, float]:
+        """The sum of every chunk's part and the number of examples in them (all must be flagged)."""
+        done = self.hessian_parts_done(checkpoint)
+        if not done.all():
+            missing = [int(i) for i in np.flatnonzero(~done)][:5]
+            raise StoreError(f"the Hessian of checkpoint {checkpoint} lacks the parts of row chunks {missing}; "
+                             "run featurize() again to compute them")
+        k = self.proj_dim
+        total, count = np.zeros((k, k)), 0.0
+        counts = self.store.read_all(hessian_counts(checkpoint))
+        for chunk in range(done.size):
+            total += self.store.read_rows(hessian_parts(checkpoint), chunk, chunk + 1)[0]
+            count += float(counts[chunk])
+        return total, count
+
+    def drop_hessian_parts(self, checkpoint: int) -> None:
+        """Delete a checkpoint's parts (its Hessian is written, or they are invalid)."""
+        for name in (hessian_parts_done(checkpoint), hessian_parts(checkpoint), hessian_counts(checkpoint)):
+            if self.store.has(name):
+                del self.store.group[name]
+
     def hessian_flags(self) -> zarr.Array:
         return self.store.flags(HESSIANS_DONE, self.num_checkpoints)
 
@@ -251,6 +306,10 @@ class StoreLayout:
                 self.feature_scales(c)
             self.feature_flags(c)
             self.hessian(c)
+        done = self.hessians_done()
+        for c in range(self.num_checkpoints):
+            if not done[c]:  # created here, by one process, before ranks write their parts
+                self.hessian_parts(c)
         self.hessian_flags()
         for seg in range(self.num_segments):
             self.spectrum(seg)
@@ -371,6 +430,8 @@ class StoreLayout:
             names = [(features_done(c), len(self.chunks(self.segment_of(c)))) for c in range(self.num_checkpoints)]
         elif stage == "hessians":
             names = [(HESSIANS_DONE, self.num_checkpoints)]
+            for c in range(self.num_checkpoints):
+                self.drop_hessian_parts(c)
         elif stage == "spectra":
             names = [(SPECTRA_DONE, self.num_segments)]
         elif stage == "caches":

@@ -1,24 +1,27 @@
 """Featurization as a pipeline of stages that each write to the store and resume.
 
-1. :class:`FeatureStage`: per checkpoint, this rank's row chunks of training features
-   ``φ_c = P ∇L`` (float16 rows with a power-of-two scale each, by default).
-2. :class:`HessianStage`: per checkpoint, the projected Gauss-Newton Hessian: every rank
-   sums its chunks' rows (from the chosen :class:`~srcproj.curvature.HessianEstimator`)
-   in float64, the sums are added over the ranks and rank 0 writes the mean.
-3. :class:`SpectrumStage`: per segment, the eigendecomposition of its mean Hessian + wd·I
+1. :class:`GradientStage`: per checkpoint, this rank's row chunks of training features
+   ``φ_c = P ∇L`` (float16 rows with a power-of-two scale each, by default) and of the
+   Hessian's parts: each chunk's float64 sum of the Gauss-Newton rows of the chosen
+   :class:`~srcproj.curvature.HessianEstimator`, stored and flagged per chunk. With the
+   ``exact`` estimator one pass gives both: the projected output Jacobians ``P J_iᵀ``
+   make the Gauss-Newton rows, and the feature is their combination ``P J_iᵀ ∂L/∂f``.
+   Once every chunk's part is in, rank 0 writes the mean and drops the parts.
+2. :class:`SpectrumStage`: per segment, the eigendecomposition of its mean Hessian + wd·I
    (rank 0).
-4. :class:`CacheStage`: per segment, this rank's row chunks of ``Ḡ_ℓ W_ℓᵀ``.
+3. :class:`CacheStage`: per segment, this rank's row chunks of ``Ḡ_ℓ W_ℓᵀ``.
 
-The first two run checkpoint by checkpoint, so that a checkpoint's parameters are
-loaded once for both. Each stage reports what it computed and what it found done in
-the :class:`FeaturizeReport`. :func:`featurize` runs them on every rank of a
-distributed job (:mod:`srcproj.distributed`): row chunks are dealt round-robin, and an
-error on one rank is raised on all of them at the next point where they meet.
+A killed job loses at most the chunk in progress. Each stage reports what it computed
+and what it found done in the :class:`FeaturizeReport`, with the seconds each kind of
+work took. :func:`featurize` runs them on every rank of a distributed job
+(:mod:`srcproj.distributed`): row chunks are dealt round-robin, and an error on one rank
+is raised on all of them at the next point where they meet.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,8 +35,10 @@ from .errors import StoreError
 from .layout import StoreLayout
 from .source import SegmentSpectrum, eigendecompose, unrolling_operators
 
-__all__ = ["CacheStage", "FeatureStage", "FeaturizeReport", "HessianStage", "SpectrumStage", "featurize"]
+__all__ = ["CacheStage", "FeaturizeReport", "GradientStage", "SpectrumStage", "featurize"]
 
+#: The kinds of work whose seconds :attr:`FeaturizeReport.stage_seconds` reports.
+STAGE_TIMES = ("gradients", "hessians", "spectra", "caches")
 
 
 @dataclass
@@ -42,7 +47,7 @@ class FeaturizeReport:
 
     In a distributed job each rank gets its own report: the chunk counts and lists are
     this rank's share (the chunks ``c`` with ``c % world_size == rank``), while the
-    Hessians, to which every rank contributes a partial sum, and the spectra are
+    Hessians, to which every rank contributes its chunks' parts, and the spectra are
     counted on every rank. ``dataclasses.asdict(report)`` is JSON-able.
     """
 
@@ -50,12 +55,23 @@ class FeaturizeReport:
     feature_chunks_skipped: int = 0
     hessians_computed: int = 0
     hessians_skipped: int = 0
+    hessian_chunks_computed: int = 0
+    hessian_chunks_skipped: int = 0
     spectra_computed: int = 0
     spectra_skipped: int = 0
     cache_chunks_computed: int = 0
     cache_chunks_skipped: int = 0
     examples_featurized: int = 0
+    #: The Gauss-Newton estimator ("exact", "fisher", "empirical") and the examples whose
+    #: rows entered the Hessian parts this call computed (all checkpoints together).
+    hessian_estimator: str = ""
+    hessian_examples: int = 0
     seconds: float = 0.0
+    #: Seconds per kind of work: "gradients" (per-example gradients and their projection:
+    #: features, and the projected Jacobians that also give the exact Hessian's rows),
+    #: "hessians" (Gauss-Newton rows, their k×k sums and the means), "spectra"
+    #: (eigendecompositions) and "caches".
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGE_TIMES, 0.0))
     rank: int = 0
     world_size: int = 1
     #: Stages whose stored results were made with other inputs (e.g. another momentum)
@@ -65,6 +81,15 @@ class FeaturizeReport:
     computed_feature_chunks: list[tuple[int, int]] = field(default_factory=list)
     #: ``(segment, chunk)`` of every cache chunk this rank computed.
     computed_cache_chunks: list[tuple[int, int]] = field(default_factory=list)
+
+    @contextmanager
+    def timing(self, kind: str):
+        """Add the seconds of the ``with`` block to ``stage_seconds[kind]``."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[kind] += time.perf_counter() - began
 
 
 @dataclass
@@ -80,84 +105,137 @@ class Shard:
                                 for seg in range(layout.num_segments)})
 
 
-class FeatureStage:
-    """Training features of one checkpoint, this rank's chunks."""
+class GradientStage:
+    """One checkpoint's training features and Hessian parts, this rank's chunks.
 
-    def __init__(self, context: AttributionContext, layout: StoreLayout, shard: Shard, batch_size: int) -> None:
+    A chunk is one unit of work: its features and its Hessian part are written and
+    flagged separately, so whatever a killed job finished is kept.
+    """
+
+    def __init__(self, context: AttributionContext, layout: StoreLayout, shard: Shard, batch_size: int,
+                 report: FeaturizeReport) -> None:
         self.context, self.layout, self.shard, self.batch_size = context, layout, shard, batch_size
+        self.report = report
 
-    def todo(self, checkpoint: int) -> list[int]:
-        done = self.layout.feature_flags(checkpoint)[:]
-        return [c for c in self.shard.chunks[self.layout.segment_of(checkpoint)] if not done[c]]
+    def todo(self, checkpoint: int, need_hessian: bool) -> tuple[list[int], list[int]]:
+        """This rank's chunks still lacking ``(features, Hessian parts)``."""
+        mine = self.shard.chunks[self.layout.segment_of(checkpoint)]
+        features = self.layout.features_done(checkpoint)
+        parts = self.layout.hessian_parts_done(checkpoint) if need_hessian else np.ones(len(features), bool)
+        return [c for c in mine if not features[c]], [c for c in mine if not parts[c]]
 
-    def run(self, checkpoint: int, params: tuple[dict, dict], todo: list[int], report: FeaturizeReport,
+    def run(self, checkpoint: int, params: tuple[dict, dict], feature_chunks: list[int], hessian_chunks: list[int],
             bar: tqdm) -> None:
-        ctx, layout = self.context, self.layout
+        ctx, layout, report = self.context, self.layout, self.report
         seg = layout.segment_of(checkpoint)
         mine = self.shard.chunks[seg]
-        report.feature_chunks_skipped += len(mine) - len(todo)
+        report.feature_chunks_skipped += len(mine) - len(feature_chunks)
+        todo = sorted(set(feature_chunks) | set(hessian_chunks))
         bar.update(len(mine) - len(todo))
         if not todo:
             return
         source, label = ctx.source(seg), f"checkpoint {checkpoint} (segment {seg})"
-        flags, bounds = layout.feature_flags(checkpoint), layout.chunks(seg)
+        bounds = layout.chunks(seg)
+        feature_flags = layout.feature_flags(checkpoint)
         for chunk in todo:
             start, stop = bounds[chunk]
-            rows = ctx.projected(params, source, start, stop, self.batch_size, "loss", label)
-            layout.write_features(checkpoint, start, rows.to("cpu", torch.float64).numpy())
-            flags[chunk] = True
-            report.feature_chunks_computed += 1
-            report.computed_feature_chunks.append((checkpoint, chunk))
-            report.examples_featurized += stop - start
+            want_features, want_part = chunk in feature_chunks, chunk in hessian_chunks
+            sampled = ctx.hessian_rows(checkpoint, chunk, start, stop) if want_part else None
+            # The exact estimator's Jacobians give the features too, when they cover every row.
+            fused = want_part and ctx.estimator.needs == "output_jacobians" and sampled is None
+            part = None
+            if fused:
+                features, part = self._jacobian_pass(checkpoint, params, source, start, stop, want_features)
+            elif want_features:
+                with report.timing("gradients"):
+                    features = ctx.projected(params, source, start, stop, self.batch_size, "loss", label)
+            if want_features:
+                layout.write_features(checkpoint, start, features.to("cpu", torch.float64).numpy())
+                feature_flags[chunk] = True
+                report.feature_chunks_computed += 1
+                report.computed_feature_chunks.append((checkpoint, chunk))
+                report.examples_featurized += stop - start
+            if want_part and not fused:
+                if sampled is not None and ctx.estimator.needs == "output_jacobians":
+                    _, part = self._jacobian_pass(checkpoint, params, source, start, stop, False, sampled)
+                else:
+                    part = self._part(checkpoint, chunk, params, source, start, stop, sampled)
+            if want_part:
+                with report.timing("hessians"):
+                    layout.write_hessian_part(checkpoint, chunk, part.total.numpy(), part.count)
+                report.hessian_chunks_computed += 1
+                report.hessian_examples += part.count
             bar.update(1)
 
+    def _jacobian_pass(self, checkpoint: int, params: tuple[dict, dict], source, start: int, stop: int,
+                       want_features: bool, rows: np.ndarray | None = None,
+                       ) -> tuple[torch.Tensor | None, HessianAccumulator]:
+        """Features and the exact Gauss-Newton part of rows ``start..stop-1`` from one pass:
+        the projected output Jacobians give both. ``rows``: only these (no features)."""
+        ctx, report = self.context, self.report
+        trainable, fixed = params
+        seg = self.layout.segment_of(checkpoint)
+        x, y = source.rows(start, stop) if rows is None else source.take(rows)
+        with report.timing("gradients"):
+            projected, outputs = ctx.gradients.output_features(trainable, fixed, x)
+        what = f"checkpoint {checkpoint}: the Gauss-Newton vectors of examples {start}..{stop - 1}"
+        features = None
+        if want_features:
+            with report.timing("gradients"):
+                features = ctx.loss_features(projected, outputs, y)
+            check_finite_rows(features, start, f"checkpoint {checkpoint} (segment {seg}): the gradient of example "
+                              f"{{row}} of {source.what}",
+                              "check that checkpoint for NaN weights and that example for NaN inputs")
+        with report.timing("hessians"):
+            accumulator = HessianAccumulator(self.layout.proj_dim)
+            weighted = ctx.estimator.rows(projected, outputs, y)
+            check_finite_rows(weighted, 0, what, "check that checkpoint for NaN weights")
+            accumulator.add(weighted, y.shape[0])
+        return features, accumulator
 
-class HessianStage:
-    """This rank's partial float64 sum of one checkpoint's Gauss-Newton rows, over its chunks."""
-
-    def __init__(self, context: AttributionContext, layout: StoreLayout, shard: Shard, batch_size: int) -> None:
-        self.context, self.layout, self.shard, self.batch_size = context, layout, shard, batch_size
-
-    def partial_sum(self, checkpoint: int, params: tuple[dict, dict]) -> HessianAccumulator:
-        ctx, layout = self.context, self.layout
+    def _part(self, checkpoint: int, chunk: int, params: tuple[dict, dict], source, start: int,
+              stop: int, sampled: np.ndarray | None = None) -> HessianAccumulator:
+        """The Hessian part of one chunk for the ``fisher`` and ``empirical`` estimators
+        (of the rows ``sampled`` only, when given)."""
+        ctx, layout, report = self.context, self.layout, self.report
         estimator = ctx.estimator
-        seg = layout.segment_of(checkpoint)
-        bounds = layout.chunks(seg)
         accumulator = HessianAccumulator(layout.proj_dim)
-        chunks = self.shard.chunks[seg]
         if estimator.needs == "features":
-            for chunk in chunks:
-                block = layout.read_features(checkpoint, *bounds[chunk]).astype(np.float64)
+            with report.timing("hessians"):
+                # The stored (rounded) features, written before: the same rows whenever computed.
+                block = layout.read_features(checkpoint, start, stop).astype(np.float64)
+                if sampled is not None:
+                    block = block[sampled - start]
                 accumulator.add(estimator.rows(torch.from_numpy(block)), block.shape[0])
             return accumulator
-        source = ctx.source(seg)
         trainable, fixed = params
-        step = estimator.batch_limit(ctx.num_outputs, ctx.computer.num_params, self.batch_size)
-        for chunk in chunks:
-            start, stop = bounds[chunk]
-            # Sampled labels are seeded per chunk, so they do not depend on the number of ranks.
-            generator = ctx.fisher_generator(checkpoint, chunk) if estimator.needs == "sampled_gradients" else None
-            for lo in range(start, stop, step):
-                hi = min(lo + step, stop)
-                x, y = source.rows(lo, hi)
-                if estimator.needs == "output_jacobians":
-                    projected, outputs = ctx.gradients.output_features(trainable, fixed, x)
-                    rows = estimator.rows(projected, outputs, y)
-                else:
-                    xs, _ = ctx.computer.prepare(trainable, x, torch.zeros(0))
-                    with torch.no_grad():
-                        outputs = ctx.computer.forward(trainable, fixed, xs)
-                    rows = estimator.rows([ctx.gradients.features(trainable, fixed, x, sampled, "loss")
-                                           for sampled in estimator.sample_targets(outputs, generator)])
+        # Sampled labels are seeded per chunk, so they do not depend on the number of ranks.
+        generator = ctx.fisher_generator(checkpoint, chunk)
+        picked = np.arange(start, stop) if sampled is None else sampled
+        for lo in range(0, picked.size, self.batch_size):
+            batch = picked[lo:lo + self.batch_size]
+            x, _ = source.rows(int(batch[0]), int(batch[-1]) + 1) if sampled is None else source.take(batch)
+            with report.timing("gradients"):
+                xs, _ = ctx.computer.prepare(trainable, x, torch.zeros(0))
+                with torch.no_grad():
+                    outputs = ctx.computer.forward(trainable, fixed, xs)
+                pseudo = [ctx.gradients.features(trainable, fixed, x, targets, "loss")
+                          for targets in estimator.sample_targets(outputs, generator)]
+            with report.timing("hessians"):
+                rows = estimator.rows(pseudo)
                 check_finite_rows(rows, 0, f"checkpoint {checkpoint}: the Gauss-Newton vectors of examples "
-                                  f"{lo}..{hi - 1}", "check that checkpoint for NaN weights")
-                accumulator.add(rows, hi - lo)
+                                  f"{int(batch[0])}..{int(batch[-1])}", "check that checkpoint for NaN weights")
+                accumulator.add(rows, batch.size)
         return accumulator
 
-    def write(self, checkpoint: int, mean: np.ndarray) -> None:
+    def finish(self, checkpoint: int) -> None:
+        """Write the mean of the chunks' parts as the checkpoint's Hessian, then drop the parts (rank 0)."""
         layout = self.layout
-        layout.store.write_durably(layout.hessian(checkpoint), slice(0, layout.proj_dim), mean)
-        layout.hessian_flags()[checkpoint] = True
+        with self.report.timing("hessians"):
+            total, count = layout.sum_hessian_parts(checkpoint)
+            layout.store.write_durably(layout.hessian(checkpoint), slice(0, layout.proj_dim), total / max(count, 1.0))
+            layout.hessian_flags()[checkpoint] = True
+            layout.drop_hessian_parts(checkpoint)
 
 
 class SpectrumStage:
@@ -235,7 +313,10 @@ def featurize(context: AttributionContext, layout: StoreLayout, collective: Coll
         for c in context.query_checkpoints("last_segment"):
             if not layout.has_checkpoint(c):
                 layout.save_checkpoint(c, context.load(c), context.digests[c])
-        return ~np.asarray(layout.hessian_flags()[:], dtype=bool)
+        done = np.asarray(layout.hessian_flags()[:], dtype=bool)
+        for c in np.flatnonzero(done):  # a job killed after writing a Hessian, before dropping its parts
+            layout.drop_hessian_parts(int(c))
+        return ~done
 
     # Rank 0 reconciles the stage inputs, creates every array and decides which Hessians
     # are missing; then the others start.
@@ -252,43 +333,46 @@ def featurize(context: AttributionContext, layout: StoreLayout, collective: Coll
         report.recomputed_stages = layout.stale(stage_inputs)
 
     shard = Shard.of(collective, layout)
-    features = FeatureStage(context, layout, shard, batch_size)
-    hessians = HessianStage(context, layout, shard, batch_size)
+    report.hessian_estimator = context.estimator.name
+    gradients = GradientStage(context, layout, shard, batch_size, report)
     total = sum(len(shard.chunks[layout.segment_of(c)]) for c in range(count))
     total += count + sum(len(chunks) for chunks in shard.chunks.values())
     bar = tqdm(total=total, desc="srcproj featurize", unit="unit", disable=not progress or collective.rank != 0)
-    k = layout.proj_dim
     try:
         with context.computer.evaluating():
             for index in range(count):
-                todo = errors.attempt(features.todo, index) or []
+                bar.set_description(f"srcproj featurize: checkpoint {index + 1}/{count}, features and "
+                                    f"{context.estimator.name} Hessian")
+                feature_chunks, hessian_chunks = errors.attempt(gradients.todo, index, need_hessian[index]) \
+                    or ([], [])
                 params = None
-                if (todo or need_hessian[index]) and not errors.pending:
+                if (feature_chunks or hessian_chunks) and not errors.pending:
                     params = errors.attempt(context.split, index)
-                errors.attempt(features.run, index, params, todo, report, bar)
+                errors.attempt(gradients.run, index, params, feature_chunks, hessian_chunks, bar)
                 if need_hessian[index]:
-                    partial = errors.attempt(hessians.partial_sum, index, params)
-                    packed = np.zeros(k * k + 2)
-                    if partial is not None:
-                        packed[:k * k] = partial.total.numpy().ravel()
-                        packed[k * k] = partial.count
-                    packed[-1] = errors.pending
-                    packed = collective.all_reduce(packed)
-                    errors.agree(packed[-1])
+                    errors.agree()  # every rank's parts are in the store
                     if collective.rank == 0:
-                        errors.attempt(hessians.write, index, packed[:k * k].reshape(k, k) / max(packed[k * k], 1.0))
+                        errors.attempt(gradients.finish, index)
                     report.hessians_computed += 1
                 else:
                     report.hessians_skipped += 1
                 bar.update(1)
-        # Rank 0 wrote every Hessian: it computes the spectra; the others read them after.
+        errors.agree()  # rank 0 wrote every Hessian
+        bar.set_description("srcproj featurize: eigendecompositions")
+        # Rank 0 computes the spectra; the others read them after.
         spectra_stage = SpectrumStage(context, layout, weight_decay)
-        spectra = errors.attempt(spectra_stage.run, report) if collective.rank == 0 else None
+        with report.timing("spectra"):
+            spectra = errors.attempt(spectra_stage.run, report) if collective.rank == 0 else None
         errors.agree()
         if collective.rank != 0:
             spectra = errors.attempt(spectra_stage.run, report, False)
-        errors.attempt(CacheStage(context, layout, shard, times).run, spectra, report, bar)
+        bar.set_description("srcproj featurize: caches")
+        with report.timing("caches"):
+            errors.attempt(CacheStage(context, layout, shard, times).run, spectra, report, bar)
         errors.agree()  # every rank's caches are written: the store is complete
+        bar.set_description("srcproj featurize")
+        shown = ", ".join(f"{kind} {seconds:.1f} s" for kind, seconds in report.stage_seconds.items())
+        bar.set_postfix_str(f"{context.estimator.name} Hessian; {shown}", refresh=True)
     finally:
         bar.close()
     report.seconds = time.perf_counter() - began

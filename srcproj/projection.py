@@ -40,7 +40,7 @@ import hashlib
 import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -265,6 +265,70 @@ class RademacherProjector(Projector):
         per_tile = self.TILE * self.proj_dim * torch.empty(0, dtype=dtype).element_size()
         return max(1, self.BLOCK_BYTES // per_tile)
 
+    def row_blocks(self, lo: int, hi: int, dtype: torch.dtype, device: torch.device | str,
+                   num_params: int | None = None) -> Iterator[tuple[int, int, Tensor]]:
+        """Rows ``lo .. hi - 1`` of Pᵀ (the columns of P that multiply parameters
+        ``lo .. hi - 1``) as consecutive pieces ``(start, stop, rows (stop - start, k))``.
+
+        The pieces are slices of the blocks :meth:`project_pieces` generates, taken from
+        (and kept in) the same cache within ``cache_bytes``, so asking for rows never
+        generates a block twice while it fits. A piece of a block past that budget lives
+        in a reused buffer: it is valid only until the next piece is asked for, and no
+        piece may be written to.
+
+        Parameters
+        ----------
+        lo, hi : int
+            The parameter range, ``0 <= lo <= hi``.
+        dtype, device
+            The entries' dtype (the accumulation dtype of the gradients, as
+            :meth:`project_pieces` uses) and device.
+        num_params : int, optional
+            p, the number of parameters of the gradients the matrix projects: the last
+            block then ends where :meth:`project_pieces`'s does, and is shared with it
+            (default ``hi``).
+        """
+        lo, hi = int(lo), int(hi)
+        num_params = hi if num_params is None else int(num_params)
+        if not 0 <= lo <= hi <= num_params:
+            raise ConfigurationError(f"rows {lo}..{hi} of a projection of {num_params} parameters")
+        device = torch.device(device)
+        tiles = math.ceil(num_params / self.TILE)
+        step = self._tiles_per_block(dtype)
+        start = (lo // self.TILE) // step * step  # the block boundaries of project_pieces
+        while lo < hi and start * self.TILE < hi:
+            stop = min(start + step, tiles)
+            b_lo, b_hi = start * self.TILE, min(stop * self.TILE, num_params)
+            block = self._block(start, stop, b_hi - b_lo, dtype, device)
+            a, b = max(lo, b_lo), min(hi, b_hi)
+            yield a, b, block[a - b_lo:b - b_lo]
+            start = stop
+
+    def rows_of(self, lo: int, hi: int, dtype: torch.dtype, device: torch.device | str,
+                num_params: int | None = None, out: Tensor | None = None) -> Tensor:
+        """Rows ``lo .. hi - 1`` of Pᵀ in one tensor ``(hi - lo, k)`` (see :meth:`row_blocks`).
+
+        A range within one cached block is returned as a view of it (read-only); any
+        other range is copied into ``out`` (a buffer of at least ``(hi - lo) · k``
+        entries of ``dtype`` on ``device``, reused by a caller that asks for many
+        ranges) or a new tensor, which stays valid until the caller overwrites it.
+        """
+        device = torch.device(device)
+        rows_out = None
+        for a, b, rows in self.row_blocks(lo, hi, dtype, device, num_params):
+            if rows_out is None and a == lo and b == hi and self._holds(rows):
+                return rows
+            if rows_out is None:
+                rows_out = (torch.empty(hi - lo, self.proj_dim, dtype=dtype, device=device) if out is None
+                            else out.view(-1)[: (hi - lo) * self.proj_dim].view(hi - lo, self.proj_dim))
+            rows_out[a - lo:b - lo].copy_(rows)
+        return rows_out if rows_out is not None else torch.empty(0, self.proj_dim, dtype=dtype, device=device)
+
+    def _holds(self, rows: Tensor) -> bool:
+        """Whether ``rows`` is a view of a cached block (not of the reused buffer)."""
+        storage = rows.untyped_storage().data_ptr()
+        return any(block.untyped_storage().data_ptr() == storage for block in self._cache.values())
+
     def project(self, grads: Tensor) -> Tensor:
         if grads.ndim != 2:
             raise ConfigurationError(f"project() takes rows (B, p), got shape {tuple(grads.shape)}")
@@ -346,27 +410,145 @@ def _kron_shape(dims: int) -> tuple[int, int]:
     return math.ceil(dims / k_in), k_in
 
 
+# ---------------------------------------------------------------------------- version 2 layout
+# The shares come from +, *, / and sqrt only (correctly rounded in IEEE 754), so a layout
+# is the same on every machine: a store made on one is reopened on another.
+_IDENTITY, _RANDOM = "identity", "rademacher"
+
+
+def _share_weight(size: int) -> float:
+    """A group's weight in the division of k: the square root of its number of parameters.
+
+    Measured on the digits MLP (docs/benchmarks.md, "Factored projection, version 2"):
+    the square root beat equal shares (version 1) and shares proportional to the size.
+    """
+    return math.sqrt(size)
+
+
+def _proportional_fill(total: int, weights: Sequence[float], caps: Sequence[int]) -> list[int]:
+    """Integer shares of ``total``: 1 each, and the rest proportional to ``weights``, none above its cap.
+
+    A group whose proportional share of the rest reaches its cap gets the cap and the
+    others share what is left; then the shares are rounded down and the units left go
+    to the largest fractional parts (the first group on a tie). The shares sum to
+    ``min(total, sum(caps))``. Needs ``total >= len(weights)`` and every cap ``>= 1``.
+    """
+    # One each first, so that a group with a tiny weight still gets its dimension.
+    shares = [1] * len(weights)
+    room = [cap - 1 for cap in caps]
+    remaining = min(total, sum(caps)) - len(weights)
+    open_groups = [g for g in range(len(weights)) if room[g] > 0]
+    ideal: dict[int, float] = {}
+    while open_groups:
+        weight_sum = sum(weights[g] for g in open_groups)
+        ideal = {g: remaining * weights[g] / weight_sum for g in open_groups}
+        capped = [g for g in open_groups if ideal[g] >= room[g]]
+        if not capped:
+            break
+        for g in capped:  # what they leave only raises the others' shares
+            shares[g] += room[g]
+            remaining -= room[g]
+            open_groups.remove(g)
+    extra = {g: math.floor(ideal[g]) for g in open_groups}
+    left = remaining - sum(extra.values())
+    for g in sorted(open_groups, key=lambda g: (extra[g] - ideal[g], g))[:left]:
+        extra[g] += 1
+    for g, value in extra.items():
+        shares[g] += value
+    return shares
+
+
+def _factor_shape(share: int, d_out: int, d_in: int) -> dict:
+    """``k_out``, ``k_in``, ``dims`` and the kind of each factor of a layer given ``share`` dimensions.
+
+    The candidates: exact (identity on both sides) when ``d_out·d_in <= share``;
+    otherwise the identity on the outputs and ``k_in = ⌈share/d_out⌉`` random rows on
+    the inputs (ragged: the last outputs get one row fewer, so that ``dims = share``),
+    its mirror image, and random on both sides (``_kron_shape(share)``, truncated to
+    ``share`` as in version 1). A random factor of k rows estimates inner products with
+    relative variance about 1/k and the identity with none, so a layer's is about
+    ``(1 + v_out)(1 + v_in) - 1``; the smallest wins (the first on a tie). Balanced
+    random factors cost about 2/√share and the identity on ``d_out`` outputs
+    ``d_out/share``: the identity wins when ``d_out`` is below about ``2√share``, twice
+    the random factor's rows. Only an exact layer uses fewer than ``share`` dimensions.
+    """
+    if d_out * d_in <= share:
+        return {"k_out": d_out, "k_in": d_in, "dims": d_out * d_in, "out": _IDENTITY, "in": _IDENTITY}
+    candidates = []  # (relative variance, k_out, k_in, out kind, in kind)
+    if share >= d_out:  # every output gets at least one input row; ⌈share/d_out⌉ <= d_in
+        candidates.append((d_out / share, d_out, -(-share // d_out), _IDENTITY, _RANDOM))
+    if share >= d_in:
+        candidates.append((d_in / share, -(-share // d_in), d_in, _RANDOM, _IDENTITY))
+    k_out, k_in = _kron_shape(share)
+    if k_out <= d_out and k_in <= d_in:  # always so when share is below both dimensions
+        candidates.append(((1 + 1 / k_out) * (1 + 1 / k_in) - 1, k_out, k_in, _RANDOM, _RANDOM))
+    _, k_out, k_in, out_kind, in_kind = min(candidates, key=lambda c: c[0])
+    return {"k_out": k_out, "k_in": k_in, "dims": share, "out": out_kind, "in": in_kind}
+
+
+def _allot(total: int, layer_dims: Sequence[tuple[int, int]], other_size: int) -> tuple[list[dict], int, int]:
+    """Version 2's division of ``total`` dimensions: ``(layer shapes, other parameters' share, zeros)``.
+
+    Shares by :func:`_share_weight`, none above its group's number of parameters (a
+    group given that many is exact); every layer then uses its whole share
+    (:func:`_factor_shape`). ``other_size``: the number of other parameters (0: none).
+    What is left when every group is exact (k above the number of parameters) is zeros.
+    """
+    sizes = [d_out * d_in for d_out, d_in in layer_dims] + ([other_size] if other_size else [])
+    shares = _proportional_fill(total, [_share_weight(size) for size in sizes], sizes)
+    shapes = [_factor_shape(share, d_out, d_in) for share, (d_out, d_in) in zip(shares, layer_dims, strict=False)]
+    return shapes, (shares[-1] if other_size else 0), total - sum(shares)
+
+
+def _ragged_scale(major: int, minor: int, dims: int) -> Tensor | None:
+    """Scales of the first ``dims`` features of a ``major × minor`` outer product, flattened
+    row-major, whose ``minor`` side is the identity and ``major`` side random.
+
+    The last ``t = major·minor - dims`` minor indices lose their last random row; their
+    features are scaled by ``√(major/(major-1))`` so that every column of P keeps norm 1.
+    None when nothing is truncated.
+    """
+    short = major * minor - dims
+    if short == 0:
+        return None
+    scale = torch.ones(major, minor, dtype=torch.float64)
+    scale[:, minor - short:] = math.sqrt(major / (major - 1))
+    return scale.reshape(-1)[:dims]
+
+
 class KroneckerProjector(Projector):
     """Factored (Kronecker) projection for Linear and Conv2d layers, never forming a gradient.
 
     The per-example gradient of a Linear layer is ``Σ_t δ_t a_tᵀ`` (``a``: the layer's
     inputs, ``δ``: the gradient in its outputs, ``t`` over positions of sequence inputs;
-    for a Conv2d, ``a_t`` is the input patch of output pixel ``t``). With two seeded
-    Rademacher matrices ``P_in`` (k_in × d_in, entries ±1/√k_in) and ``P_out``
-    (k_out × d_out, ±1/√k_out), ``(P_out ⊗ P_in) vec(δaᵀ) = vec(P_out δ (P_in a)ᵀ)``, so a
-    layer's features are ``Σ_t (P_out δ_t)(P_in a_t)ᵀ``, flattened row-major: the
-    inputs and output gradients are projected separately (:meth:`project_inputs`,
-    :meth:`layer_features`) and the p-sized gradient never exists. ``E[PᵀP] = I``
-    holds (every column of ``P_out ⊗ P_in`` has norm 1). An attributed bias is the
-    weight of an extra input column of ones: ``P_in`` has ``d_in + 1`` columns.
+    for a Conv2d, ``a_t`` is the input patch of output pixel ``t``). With two factors
+    ``P_in`` (k_in × d_in) and ``P_out`` (k_out × d_out), each a seeded Rademacher
+    matrix (entries ±1/√k) or the identity, ``(P_out ⊗ P_in) vec(δaᵀ) = vec(P_out δ
+    (P_in a)ᵀ)``, so a layer's features are ``Σ_t (P_out δ_t)(P_in a_t)ᵀ``, flattened:
+    the inputs and output gradients are projected separately (:meth:`project_inputs`,
+    :meth:`layer_features`) and the p-sized gradient never exists. The features of any
+    gradient are ``P g`` for one fixed matrix P, whichever path computes them, with
+    ``E[PᵀP] = I`` (every column of P has norm 1). An attributed bias is the weight of
+    an extra input column of ones: ``P_in`` has ``d_in + 1`` columns.
 
-    How k is divided: the layers (and one group of the other parameters, below) get equal
-    shares of ``proj_dim``, none more than its number of parameters; a layer's share
-    ``m`` is ``k_out × k_in`` with ``k_in ≈ √m``, exact when ``m`` has a divisor near √m,
-    else the first ``m`` of ``⌈m/k_in⌉ × k_in`` features, scaled by
-    ``√(k_out·k_in/m)`` so that ``E[PᵀP] = I`` still holds. The features of the layers
-    are concatenated in the model's order, the other parameters' last;
-    :meth:`describe` (recorded in the store) lists the exact layout.
+    How k is divided (version 2): every group (each factored layer, and the other
+    parameters below) gets a share of ``proj_dim`` proportional to the square root of its
+    number of parameters (at least 1, integers summing to k, none above the group's
+    size: a group given that many is exact, the identity, and the rest goes to the
+    others). Within a layer of share ``m`` (``d_in`` counts the bias column), a factor
+    whose dimension is below about twice its random share of rows is the identity: a
+    10-output layer keeps its 10 outputs exactly and spends ``m`` on ``⌈m/10⌉`` input
+    rows (the last outputs get one row fewer when 10 does not divide ``m``). The choice
+    among identity on the outputs, on the inputs, on both (``d_out·d_in <= m``) and
+    random on both (``k_in ≈ √m``, as in version 1) minimises a variance proxy
+    (:func:`_factor_shape`). Identity factors are unscaled (their columns have norm 1);
+    a truncated random row is made up for by scaling the features of the columns that
+    lose it, so every column of P still has norm 1 and ``E[PᵀP] = I``. The features of
+    the layers are concatenated in the model's order, the other parameters' last; when
+    k exceeds the number of parameters, the last layer's features end with zeros.
+    :meth:`describe` (recorded in the store) lists the exact layout. Version 1 (equal
+    shares, random factors on both sides even for a 10-output layer) is rebuilt with
+    ``version=1``.
 
     Parameters outside a factored layer (LayerNorm, embeddings, Conv2d with groups, a
     layer whose weight is also used outside its forward, ...) are, with
@@ -392,13 +574,17 @@ class KroneckerProjector(Projector):
         What to do with attributed parameters outside factored layers.
     cache_bytes : int
         Tile cache of the dense projection of the other parameters.
+    version : {2, 1}
+        The layout rule; 1 only to rebuild the projector of a store made with it.
     """
 
-    VERSION = 1
+    VERSION = 2  # 1: equal shares, random factors on both sides (stores made before version 2)
+    VERSIONS = (1, 2)  # the versions a description can be rebuilt from
     factored = True
 
     def __init__(self, proj_dim: int, seed: int = 0, *, other_params: str = "dense",
-                 cache_bytes: int = 1 << 30) -> None:
+                 cache_bytes: int = 1 << 30, version: int = VERSION) -> None:
+        self.version = check_choice(version, "version", self.VERSIONS)
         self.proj_dim = _check_dim(proj_dim)
         self.seed = _check_seed(seed)
         self.other_params = check_choice(other_params, "other_params", ("dense", "refuse"))
@@ -410,6 +596,26 @@ class KroneckerProjector(Projector):
         self._dense: RademacherProjector | None = None
         self._matrices: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
+        self._padding = 0  # zero features at the end of the last layer's (version 2, k > p)
+        self._dense_dims = 0
+        self._scales: dict[tuple, Tensor | None] = {}
+
+    @classmethod
+    def from_description(cls, description: Mapping[str, Any]) -> KroneckerProjector:
+        """A new, unbound projector equal to the one ``description`` (:meth:`describe`'s
+        output, as a store records it) describes, of any version in :attr:`VERSIONS`; it
+        lays itself out again when bound to the same model.
+
+        Raises :class:`ConfigurationError` for another kind or an unknown version.
+        """
+        version = description.get("version")
+        if description.get("kind") != "kronecker" or version not in cls.VERSIONS:
+            raise ConfigurationError(
+                f"cannot rebuild a KroneckerProjector from kind={description.get('kind')!r}, version={version!r} "
+                f"(versions {cls.VERSIONS} are known); pass the same projector again with projector=..."
+            )
+        return cls(int(description["proj_dim"]), int(description["seed"]),
+                   other_params=str(description["other_params"]), version=int(version))
 
     # ------------------------------------------------------------------ laying out
     def bind(self, model: nn.Module, param_names: Sequence[str] | None = None, *,
@@ -450,15 +656,20 @@ class KroneckerProjector(Projector):
                 f"proj_dim={self.proj_dim} is smaller than the {groups} groups of the factored projection "
                 f"({len(layers)} layers{' and the other parameters' if others else ''}): each needs one dimension"
             )
-        caps = [layer.d_out * layer.d_in_total for layer in layers]
-        if others:
-            caps.append(sum(split.sizes[n] for n in others))
-        shares = _water_fill(self.proj_dim, caps)
+        other_size = sum(split.sizes[n] for n in others)
         layout = []
-        for layer, dims in zip(layers, shares, strict=False):  # shares ends with the others' share
-            k_out, k_in = _kron_shape(dims)
+        if self.version == 1:
+            caps = [layer.d_out * layer.d_in_total for layer in layers] + ([other_size] if others else [])
+            shares = _water_fill(self.proj_dim, caps)
+            shapes = [dict(zip(("k_out", "k_in"), _kron_shape(dims), strict=True), dims=dims)
+                      for dims in shares[: len(layers)]]
+            other_dims, padding = (shares[-1] if others else 0), 0
+        else:
+            shapes, other_dims, padding = _allot(self.proj_dim, [(layer.d_out, layer.d_in_total) for layer in layers],
+                                                 other_size)
+        for layer, shape in zip(layers, shapes, strict=True):
             layout.append({"module": layer.module, "type": layer.kind, "d_out": layer.d_out, "d_in": layer.d_in,
-                           "bias": layer.bias is not None, "k_out": k_out, "k_in": k_in, "dims": dims})
+                           "bias": layer.bias is not None, **shape})
         if self.layers is not None and (layout != self._layout or others != self.dense_params
                                         or names != self.param_names):
             raise ConfigurationError(
@@ -466,7 +677,11 @@ class KroneckerProjector(Projector):
                 "create one projector per model"
             )
         self.layers, self._layout, self.dense_params, self.param_names = layers, layout, others, names
-        self._dense = RademacherProjector(shares[-1], self.seed, self.cache_bytes) if others else None
+        self._padding = padding
+        # Version 2 gives the other parameters at most their number: then they are exact.
+        self._dense = (RademacherProjector(other_dims, self.seed, self.cache_bytes)
+                       if others and (self.version == 1 or other_dims < other_size) else None)
+        self._dense_dims = other_dims
         offset = 0
         self._offsets = {}
         for n in names:
@@ -488,42 +703,72 @@ class KroneckerProjector(Projector):
         return self.layers
 
     def describe(self) -> dict:
-        out = {"kind": "kronecker", "version": self.VERSION, "proj_dim": self.proj_dim, "seed": self.seed,
+        out = {"kind": "kronecker", "version": self.version, "proj_dim": self.proj_dim, "seed": self.seed,
                "other_params": self.other_params}
         if self.layers is None:
             return {**out, "layers": None}
         dense = None
-        if self._dense is not None:
-            dense = {"params": list(self.dense_params), "dims": self._dense.proj_dim,
-                     "projector": self._dense.describe()}
-        return {**out, "layers": [dict(entry) for entry in self._layout], "dense": dense}
+        if self.dense_params:
+            dense = {"params": list(self.dense_params), "dims": self._dense_dims,
+                     "projector": self._dense.describe() if self._dense is not None else {"kind": "identity"}}
+        out = {**out, "layers": [dict(entry) for entry in self._layout], "dense": dense}
+        return out if self.version == 1 else {**out, "padding": self._padding}
 
     # ------------------------------------------------------------------ matrices
+    def _is_identity(self, index: int, side: str) -> bool:
+        return self._layout[index].get(side) == _IDENTITY  # version 1 entries have no "out"/"in": random
+
     def layer_matrices(self, index: int, dtype: torch.dtype = torch.float64,
                        device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-        """``(P_out (k_out × d_out), P_in (k_in × d_in [+1 bias column]))`` of layer ``index``."""
+        """``(P_out (k_out × d_out), P_in (k_in × d_in [+1 bias column]))`` of layer ``index``;
+        an identity factor is the identity matrix."""
         layers = self.require_bound()
         key = (dtype, torch.device(device))
         if key not in self._matrices:
             mats = []
             for i, (layer, entry) in enumerate(zip(layers, self._layout, strict=True)):
-                p_out = _rademacher_matrix(_stream_key(self.seed, 0x4B524F4E, i, 0, entry["k_out"], layer.d_out),
-                                           entry["k_out"], layer.d_out)
-                p_in = _rademacher_matrix(_stream_key(self.seed, 0x4B524F4E, i, 1, entry["k_in"], layer.d_in_total),
-                                          entry["k_in"], layer.d_in_total)
-                mats.append((p_out.to(device=key[1], dtype=dtype), p_in.to(device=key[1], dtype=dtype)))
+                pair = []
+                for side, k, d in ((0, entry["k_out"], layer.d_out), (1, entry["k_in"], layer.d_in_total)):
+                    if self._is_identity(i, ("out", "in")[side]):
+                        matrix = torch.eye(d, dtype=torch.float64)
+                    else:
+                        matrix = _rademacher_matrix(_stream_key(self.seed, 0x4B524F4E, i, side, k, d), k, d)
+                    pair.append(matrix.to(device=key[1], dtype=dtype))
+                mats.append(tuple(pair))
             self._matrices[key] = mats
         return self._matrices[key][index]
 
-    def _scale(self, index: int) -> float:
+    def _feature_scale(self, index: int, dtype: torch.dtype, device: torch.device) -> Tensor | float:
+        """What the layer's kept features are multiplied by so that every column of P has norm 1."""
         entry = self._layout[index]
-        return math.sqrt(entry["k_out"] * entry["k_in"] / entry["dims"])
+        out_identity, in_identity = self._is_identity(index, "out"), self._is_identity(index, "in")
+        if out_identity == in_identity:  # random on both sides (a uniform scale, as in version 1) or exact
+            return math.sqrt(entry["k_out"] * entry["k_in"] / entry["dims"])
+        key = (index, dtype, device)
+        if key not in self._scales:
+            if out_identity:  # features ordered input row-major: the truncation cuts the last input row
+                scale = _ragged_scale(entry["k_in"], entry["k_out"], entry["dims"])
+            else:
+                scale = _ragged_scale(entry["k_out"], entry["k_in"], entry["dims"])
+            self._scales[key] = None if scale is None else scale.to(device=device, dtype=dtype)
+        return 1.0 if self._scales[key] is None else self._scales[key]
 
     def _finish(self, index: int, outer: Tensor) -> Tensor:
-        """``(B, k_out, k_in)`` → the layer's ``dims`` features, scaled when truncated."""
+        """``(B, k_out, k_in)`` → the layer's ``dims`` features, scaled when truncated.
+
+        Flattened row-major, except with the identity on the outputs only: then input row
+        by input row, so that a truncation cuts random rows (of the last outputs), never
+        an output. The last layer's features end with the zeros of a k above p.
+        """
+        if self._is_identity(index, "out") and not self._is_identity(index, "in"):
+            outer = outer.transpose(1, 2)
         flat = outer.reshape(outer.shape[0], -1)[:, : self._layout[index]["dims"]]
-        scale = self._scale(index)
-        return flat * scale if scale != 1.0 else flat
+        scale = self._feature_scale(index, flat.dtype, flat.device)
+        if not isinstance(scale, float) or scale != 1.0:
+            flat = flat * scale
+        if self._padding and index == len(self._layout) - 1:
+            flat = torch.cat([flat, flat.new_zeros(flat.shape[0], self._padding)], dim=1)
+        return flat
 
     # ------------------------------------------------------------------ projecting factors
     def project_inputs(self, index: int, module: nn.Module, x: Tensor) -> Tensor:
@@ -545,18 +790,22 @@ class KroneckerProjector(Projector):
         dtype = accumulation_dtype(dtype)
         p_out, _ = self.layer_matrices(index, dtype, device)
         entry = self._layout[index]
+        identity_out = self._is_identity(index, "out")
         total = torch.zeros(batch, entry["k_out"], entry["k_in"], dtype=dtype, device=device)
         for a_proj, delta in zip(projected_inputs, deltas, strict=True):  # one term per call of the module
-            d_proj = delta.to(dtype) @ p_out.T  # (B, T, k_out)
+            d_proj = delta.to(dtype) if identity_out else delta.to(dtype) @ p_out.T  # (B, T, k_out)
             total.baddbmm_(d_proj.transpose(1, 2), a_proj.to(dtype))
         return self._finish(index, total)
 
     def project_dense(self, grads: Tensor) -> Tensor:
         """The other parameters' share: their gradient rows ``(B, p_dense)``, in
-        :attr:`dense_params` order, projected by the dense Rademacher matrix."""
+        :attr:`dense_params` order, projected by the dense Rademacher matrix (or, in
+        version 2 when their share is their number, kept as they are)."""
         self.require_bound()
-        if self._dense is None:
+        if not self.dense_params:
             raise ConfigurationError("this KroneckerProjector has no other parameters to project densely")
+        if self._dense is None:
+            return grads.to(accumulation_dtype(grads.dtype))
         return self._dense.project(grads)
 
     # ------------------------------------------------------------------ projecting rows
@@ -573,7 +822,7 @@ class KroneckerProjector(Projector):
         batch, parts = grads.shape[0], []
         dtype = accumulation_dtype(grads.dtype)
         for index, layer in enumerate(layers):
-            p_out, p_in = self.layer_matrices(index, dtype, grads.device)
+            p_out, p_in = self.layer_matrices(index, dtype, grads.device)  # identity factors: exact products
             lo, hi = self._offsets[layer.weight]
             weight = grads[:, lo:hi].to(dtype).reshape(batch, layer.d_out, layer.d_in)  # one layer at a time
             outer = p_out @ (weight @ p_in[:, : layer.d_in].T)  # (B, k_out, k_in)
@@ -581,9 +830,9 @@ class KroneckerProjector(Projector):
                 lo, hi = self._offsets[layer.bias]
                 outer = outer + (grads[:, lo:hi].to(dtype) @ p_out.T).unsqueeze(2) * p_in[:, layer.d_in]
             parts.append(self._finish(index, outer))
-        if self._dense is not None:
+        if self.dense_params:
             columns = torch.cat([grads[:, slice(*self._offsets[n])] for n in self.dense_params], dim=1)
-            parts.append(self._dense.project(columns))
+            parts.append(self.project_dense(columns))
         return torch.cat(parts, dim=1)
 
 

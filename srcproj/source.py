@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 __all__ = [
     "SegmentSpectrum",
@@ -68,7 +69,9 @@ def eigendecompose(hessian: np.ndarray, damping: float = 0.0) -> SegmentSpectrum
     matrix = 0.5 * (matrix + matrix.T)
     if damping:
         matrix = matrix + float(damping) * np.eye(matrix.shape[0])
-    values, vectors = np.linalg.eigh(matrix)
+    # LAPACK's divide and conquer (syevd), as numpy's eigh, through scipy: it skips
+    # numpy's extra copies and finiteness pass (the matrix was checked when stored).
+    values, vectors = scipy.linalg.eigh(matrix, driver="evd", check_finite=False, overwrite_a=True)
     return SegmentSpectrum(np.clip(values, 0.0, None), vectors)
 
 
@@ -85,12 +88,16 @@ def unrolling_operators(
     """
     if not (len(spectra) == len(times) == len(sizes)):
         raise ValueError("spectra, times and sizes need one entry per segment")
-    k = spectra[0].eigenvectors.shape[0]
-    later = np.eye(k)  # S_L ⋯ S_{ℓ+1}, built from the last segment backwards
+    later: np.ndarray | None = None  # S_L ⋯ S_{ℓ+1}, built from the last segment backwards; None: I
     operators: list[np.ndarray] = [np.empty(0)] * len(spectra)
     for index in range(len(spectra) - 1, -1, -1):
         spectrum, time = spectra[index], times[index]
-        accumulate = spectrum.function(accumulate_spectrum(spectrum.eigenvalues, time))
-        operators[index] = later @ accumulate / float(sizes[index])
-        later = later @ spectrum.function(forget_spectrum(spectrum.eigenvalues, time))
+        vectors = spectrum.eigenvectors
+        # later · V f(Λ) Vᵀ = ((later · V) f(Λ)) Vᵀ: one product with V serves F_ℓ and S_ℓ,
+        # and none is needed after the last segment (later = I) or before the first.
+        moved = vectors if later is None else later @ vectors
+        accumulate = accumulate_spectrum(spectrum.eigenvalues, time) / float(sizes[index])
+        operators[index] = (moved * accumulate) @ vectors.T
+        if index:
+            later = (moved * forget_spectrum(spectrum.eigenvalues, time)) @ vectors.T
     return operators

@@ -19,10 +19,11 @@ the workers, and a test that kills a job must kill them by these ids.
 features of ``after_chunks`` row chunks, then, at the start of the next one, writes
 ``{name}_hung_rank{r}`` and waits to be killed (for at most 300 s, then it exits
 with code 4). The other rank goes on until it waits for it in a collective. Chunks
-are counted by the calls of ``ProjectedGradients.features()`` for the loss with the
-hanging projector (patched in this worker only): one per chunk when
-``batch_size >= chunk_size`` and the Hessian is "exact" (the "fisher" estimator
-calls ``features()`` for the loss too, so do not combine it with ``hang``).
+are counted by the calls of ``ProjectedGradients.output_features()`` (with the "exact"
+Hessian one call gives a chunk's features and Hessian part) and of ``features()`` for
+the loss with the hanging projector (patched in this worker only): one per chunk when
+``batch_size >= chunk_size`` (the "fisher" estimator calls ``features()`` for the loss
+more often, so do not combine it with ``hang``).
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 \\
         tests/distributed_worker.py PLAN.json OUT_DIR
@@ -78,16 +79,22 @@ class HangingProjector(RademacherProjector):
 
 
 def count_chunks() -> None:
-    """Make ``ProjectedGradients.features`` tell a :class:`HangingProjector` about each
-    batch of loss features (in this worker process only)."""
-    original = ProjectedGradients.features
+    """Make ``ProjectedGradients`` tell a :class:`HangingProjector` about each batch of
+    loss features or output Jacobians (in this worker process only)."""
+    original_features, original_outputs = ProjectedGradients.features, ProjectedGradients.output_features
 
     def features(self, trainable, fixed, x, y, kind="loss"):
         if kind == "loss" and isinstance(self.projector, HangingProjector):
             self.projector.chunk_started()
-        return original(self, trainable, fixed, x, y, kind)
+        return original_features(self, trainable, fixed, x, y, kind)
+
+    def output_features(self, trainable, fixed, x):
+        if isinstance(self.projector, HangingProjector):
+            self.projector.chunk_started()
+        return original_outputs(self, trainable, fixed, x)
 
     ProjectedGradients.features = features
+    ProjectedGradients.output_features = output_features
 
 
 def main() -> int:

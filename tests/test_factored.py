@@ -68,8 +68,15 @@ def build(name: str, batch: int = 5):
 
 
 def explicit_matrix(projector: KroneckerProjector, model: nn.Module, param_names) -> torch.Tensor:
-    """The k×p matrix, built from its description: block rows P_out ⊗ P_in per layer (first
-    ``dims`` rows, scaled by √(k_out·k_in/dims)), then a dense Rademacher block."""
+    """The k×p matrix, built from its description: block rows P_out ⊗ P_in per layer, then the
+    other parameters' block (dense Rademacher, or the identity), then zeros.
+
+    A factor is a ±1/√k Rademacher matrix or, in version 2 where the description says so,
+    the identity. The rows of P_out ⊗ P_in are taken in order (r, s) (output row r, input
+    row s), or (s, r) when only the outputs are the identity; the first ``dims`` are
+    kept. Random on both sides, they are scaled by √(k_out·k_in/dims) (version 1's
+    truncation). With one identity side, an identity index left with n of the k random
+    rows has them scaled by √(k/n), as an n-row Rademacher matrix would be."""
     shapes = dict(model.named_parameters())
     offsets, start = {}, 0
     for name in param_names:
@@ -78,14 +85,32 @@ def explicit_matrix(projector: KroneckerProjector, model: nn.Module, param_names
     description = projector.describe()
     blocks = []
     for index, entry in enumerate(description["layers"]):
+        k_out, k_in, width = entry["k_out"], entry["k_in"], entry["d_in"] + entry["bias"]
+        identity_out, identity_in = entry.get("out") == "identity", entry.get("in") == "identity"
         p_out, p_in = projector.layer_matrices(index)
-        assert p_out.shape == (entry["k_out"], entry["d_out"])
-        assert p_in.shape == (entry["k_in"], entry["d_in"] + entry["bias"])
-        np.testing.assert_allclose(p_out.abs().numpy(), 1 / math.sqrt(entry["k_out"]))
-        np.testing.assert_allclose(p_in.abs().numpy(), 1 / math.sqrt(entry["k_in"]))
-        kron = torch.kron(p_out, p_in)[: entry["dims"]] * math.sqrt(entry["k_out"] * entry["k_in"] / entry["dims"])
+        assert p_out.shape == (k_out, entry["d_out"])
+        assert p_in.shape == (k_in, width)
+        for matrix, identity, k in ((p_out, identity_out, k_out), (p_in, identity_in, k_in)):
+            if identity:
+                torch.testing.assert_close(matrix, torch.eye(k, dtype=torch.float64), rtol=0, atol=0)
+            else:
+                np.testing.assert_allclose(matrix.abs().numpy(), 1 / math.sqrt(k))
+        kron = torch.kron(p_out, p_in)  # row r·k_in + s
+        order = [(r, s) for r in range(k_out) for s in range(k_in)]
+        if identity_out and not identity_in:
+            order = [(r, s) for s in range(k_in) for r in range(k_out)]
+        order = order[: entry["dims"]]
+        rows = torch.tensor([r * k_in + s for r, s in order])
+        kron = kron[rows]
+        if identity_out == identity_in:
+            kron = kron * math.sqrt(k_out * k_in / entry["dims"])
+        else:  # the identity side's index of each kept row, and how many random rows it kept
+            side = [r if identity_out else s for r, s in order]
+            counts = {i: side.count(i) for i in side}
+            random_rows = k_in if identity_out else k_out
+            kron = kron * torch.tensor([math.sqrt(random_rows / counts[i]) for i in side],
+                                       dtype=torch.float64)[:, None]
         block = torch.zeros(entry["dims"], start, dtype=torch.float64)
-        width = entry["d_in"] + entry["bias"]
         module = entry["module"]
         lo, hi = offsets[f"{module}.weight"]
         columns = (torch.arange(entry["d_out"])[:, None] * width + torch.arange(entry["d_in"])[None, :]).reshape(-1)
@@ -94,11 +119,17 @@ def explicit_matrix(projector: KroneckerProjector, model: nn.Module, param_names
             lo, hi = offsets[f"{module}.bias"]
             block[:, lo:hi] = kron[:, torch.arange(entry["d_out"]) * width + entry["d_in"]]
         blocks.append(block)
+        if index == len(description["layers"]) - 1 and description.get("padding"):
+            blocks.append(torch.zeros(description["padding"], start, dtype=torch.float64))
     dense = description["dense"]
     if dense is not None:
         size = sum(shapes[n].numel() for n in dense["params"])
-        matrix = RademacherProjector(dense["dims"], description["seed"]).project(
-            torch.eye(size, dtype=torch.float64)).T
+        if dense["projector"] == {"kind": "identity"}:
+            assert dense["dims"] == size
+            matrix = torch.eye(size, dtype=torch.float64)
+        else:
+            matrix = RademacherProjector(dense["dims"], description["seed"]).project(
+                torch.eye(size, dtype=torch.float64)).T
         block = torch.zeros(dense["dims"], start, dtype=torch.float64)
         column = 0
         for name in dense["params"]:
@@ -135,7 +166,8 @@ def test_features_equal_the_explicit_kronecker_matrix(name, proj_dim):
         torch.testing.assert_close(projected, jacobians @ matrix.T, rtol=1e-5, atol=1e-12)
         torch.testing.assert_close(outputs_k, outputs)
     layers = projector.describe()["layers"]
-    assert sum(e["dims"] for e in layers) + (projector.describe()["dense"] or {"dims": 0})["dims"] == proj_dim
+    assert sum(e["dims"] for e in layers) + (projector.describe()["dense"] or {"dims": 0})["dims"] + \
+        projector.describe()["padding"] == proj_dim
     if name == "sequence":  # the LayerNorm is projected densely, in its own share
         assert projector.describe()["dense"]["params"] == ["norm.weight", "norm.bias"]
     if name == "cnn":
@@ -143,14 +175,15 @@ def test_features_equal_the_explicit_kronecker_matrix(name, proj_dim):
 
 
 def test_columns_have_unit_norm_and_PtP_is_the_identity_on_average():
-    """Every column of P has norm 1 exactly (truncated layers included); over seeds PᵀP → I."""
+    """Version 1: every column of P has norm 1 exactly (truncated layers included); over seeds
+    PᵀP → I. (Version 2: tests/test_factored_v2.py.)"""
     model, x, _ = build("sequence")
     names = [n for n, _ in model.named_parameters()]
     p = sum(v.numel() for v in model.parameters())
     total = torch.zeros(p, p, dtype=torch.float64)
     seeds = 300
     for seed in range(seeds):
-        projector = KroneckerProjector(37, seed=seed)  # 37 = 12 + 12 + 13: truncated layers
+        projector = KroneckerProjector(37, seed=seed, version=1)  # 37 = 12 + 12 + 13: truncated layers
         projector.bind(model)
         matrix = explicit_matrix(projector, model, names)
         gram = matrix.T @ matrix
@@ -167,15 +200,16 @@ def test_columns_have_unit_norm_and_PtP_is_the_identity_on_average():
     assert abs(float(u @ mean @ v - u @ v)) < 0.05 * float(u.norm() * v.norm())
 
 
-def test_layout_divides_k_and_caps_small_layers():
+def test_version_1_layout_divides_k_equally_and_caps_small_layers():
+    """Version 1 (stores made before version 2 are rebuilt with it); version 2: test_factored_v2.py."""
     model = nn.Sequential(nn.Linear(100, 50), nn.ReLU(), nn.Linear(50, 2))
-    projector = KroneckerProjector(1000, seed=0)
+    projector = KroneckerProjector(1000, seed=0, version=1)
     projector.bind(model)
     layers = projector.describe()["layers"]
     assert [e["dims"] for e in layers] == [898, 102]  # the head has 2 × 51 parameters: its cap
     # 898 and 102 have no divisor near their square root: 30 × 30 and 11 × 10, truncated.
     assert [(e["k_out"], e["k_in"]) for e in layers] == [(30, 30), (11, 10)]
-    projector = KroneckerProjector(1024, seed=0)
+    projector = KroneckerProjector(1024, seed=0, version=1)
     projector.bind(nn.Sequential(nn.Linear(100, 50), nn.ReLU(), nn.Linear(50, 20)))
     assert [(e["k_out"], e["k_in"], e["dims"]) for e in projector.describe()["layers"]] == [
         (16, 32, 512), (16, 32, 512)]
