@@ -1,7 +1,9 @@
 """How well each projection preserves inner products of real per-example gradients.
 
 For each model, 256 per-example loss gradients g_i (synthetic inputs, seeded weights, as
-in ``benchmarks/featurize.py``; plus the 8-64-3 MLP of the tests) are projected with
+in ``benchmarks/featurize.py``; plus the 8-64-3 MLP of the tests and, with ``digits``, the
+trained 64-64-10 MLP of the LDS benchmark's ``converged`` scenario on its first training
+digits) are projected with
 srcproj's dense ``RademacherProjector``, its factored ``KroneckerProjector`` (version 2,
 the default, and version 1: equal shares, random factors on both sides) and, on a GPU
 with fast-jl installed, ``FastJLProjector`` (128 feature tiles, and TRAK's choice:
@@ -41,6 +43,19 @@ def _tiny():
     return nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 3))
 
 
+def _digits(examples: int):
+    """The LDS benchmark's converged model (the report split's first, seed 1000) and its first training digits."""
+    import scenarios
+
+    from srcproj.demo import make_mlp
+
+    scenario = scenarios.make_scenario("converged")
+    final, _ = scenarios.attributed_run(scenario, 1000)
+    model = make_mlp(scenarios.HIDDEN)
+    model.load_state_dict(final)
+    return model, scenario.target.X[:examples], scenario.target.y[:examples]
+
+
 def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Exact per-example gradients with plain torch.func, independent of srcproj's own."""
     params = {name: p.detach() for name, p in model.named_parameters()}
@@ -77,7 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--proj-dim", type=int, default=1024)
     parser.add_argument("--examples", type=int, default=256)
-    parser.add_argument("--models", nargs="+", default=["tiny", "cnn", "mlp"], choices=["tiny", "cnn", "mlp"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "cnn", "mlp"],
+                        choices=["tiny", "cnn", "mlp", "digits"])
     args = parser.parse_args()
     from srcproj import FastJLProjector, KroneckerProjector, RademacherProjector
 
@@ -88,14 +104,17 @@ def main() -> None:
           f"k = {k}, {args.examples} gradients per model, fast-jl {'used' if fast_jl else 'not available'}")
     torch.backends.cuda.matmul.allow_tf32 = False
     for name in args.models:
-        model = (_tiny() if name == "tiny" else _model(name)).to(device)
-        if name == "tiny":
+        if name == "digits":
+            model, x, y = _digits(args.examples)
+        elif name == "tiny":
+            model = _tiny()
             generator = torch.Generator().manual_seed(1)
             x, y = torch.randn(args.examples, 8, generator=generator), torch.randint(0, 3, (args.examples,),
                                                                                    generator=generator)
         else:
+            model = _model(name)
             x, y = _data(name, args.examples)
-        x, y = x.to(device), y.to(device)
+        model, x, y = model.to(device), x.to(device), y.to(device)
         grads = _gradients(model, x, y)
         p = grads.shape[1]
         exact = grads.double() @ grads.double().T

@@ -80,9 +80,8 @@ def projector_from_description(description: dict) -> Projector:
     kind = description.get("kind")
     if kind == "rademacher" and description.get("version") == RademacherProjector.VERSION:
         return RademacherProjector(int(description["proj_dim"]), int(description["seed"]))
-    if kind == "kronecker" and description.get("version") == KroneckerProjector.VERSION:
-        return KroneckerProjector(int(description["proj_dim"]), int(description["seed"]),
-                                  other_params=str(description["other_params"]))
+    if kind == "kronecker" and description.get("version") in KroneckerProjector.VERSIONS:
+        return KroneckerProjector.from_description(description)
     if kind == "fast_jl":
         return FastJLProjector(int(description["proj_dim"]), int(description["seed"]),
                                num_feature_tiles=int(description["num_feature_tiles"]))

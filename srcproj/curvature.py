@@ -89,10 +89,6 @@ class HessianEstimator(ABC):
     def describe(self) -> dict:
         return {"hessian": self.name}
 
-    def batch_limit(self, num_outputs: int, num_params: int, batch_size: int) -> int:
-        """Examples per batch: ``batch_size`` unless the estimator's rows need a cap."""
-        return batch_size
-
     @abstractmethod
     def rows(self, *inputs) -> Tensor:
         """Weighted float64 rows ``(R, k)`` for one batch."""
@@ -106,10 +102,6 @@ class ExactGaussNewton(HessianEstimator):
 
     def __init__(self, task: Task) -> None:
         self.task = task
-
-    def batch_limit(self, num_outputs: int, num_params: int, batch_size: int) -> int:
-        # C flat Jacobian rows per example when they are formed: cap them at ~256 MiB.
-        return max(1, min(batch_size, (256 << 20) // max(1, num_outputs * num_params * 8)))
 
     def rows(self, projected: Tensor, outputs: Tensor, targets: Tensor) -> Tensor:
         projected = projected.to(torch.float64)

@@ -89,12 +89,17 @@ def test_a_damaged_saved_checkpoint_is_refused(tiny_run, featurized, tmp_path):
         reopened.score(tiny_run.queries)
 
 
-def test_projector_is_rebuilt_from_the_store(tiny_run, tmp_path):
-    kron = tiny_run.attributor(tmp_path / "k.zarr", projector=KroneckerProjector(12, seed=3))
+@pytest.mark.parametrize("version", [1, 2])
+def test_factored_projectors_of_either_version_are_rebuilt(tiny_run, tmp_path, version):
+    kron = tiny_run.attributor(tmp_path / "k.zarr", projector=KroneckerProjector(12, seed=3, version=version))
     kron.featurize(progress=False)
     reopened = Attributor.open(tmp_path / "k.zarr", tiny_run.model, ClassificationTask())
     np.testing.assert_array_equal(reopened.score(tiny_run.queries), kron.score(tiny_run.queries))
     assert reopened.projector.describe() == kron.projector.describe()  # laid out on the first query batch
+    assert reopened.projector.describe()["version"] == version
+
+
+def test_projector_is_rebuilt_from_the_store(tiny_run, tmp_path):
     matrix = MatrixProjector(np.random.default_rng(0).standard_normal((10, 75)))
     explicit = tiny_run.attributor(tmp_path / "m.zarr", projector=matrix)
     explicit.featurize(progress=False)
