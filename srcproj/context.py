@@ -411,16 +411,26 @@ class AttributionContext:
         chain rule makes the feature a combination of the C projected Jacobian rows, at
         no projection's cost. Returned in float64.
         """
-        task = self.task
-
-        def single(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return task.loss(output.unsqueeze(0), target.unsqueeze(0)).sum()
-
+        # The loss is one value per example written with batched operations (the Task
+        # contract the hook backends rely on too), so one backward pass of its sum gives
+        # every example's own ∂L/∂f.
+        batch = outputs.shape[0]
+        leaf = outputs.detach().requires_grad_(True)
         try:
-            slopes = torch.func.vmap(torch.func.grad(single))(outputs.detach(), targets.to(outputs.device))
+            with torch.enable_grad():
+                values = self.task.loss(leaf, targets.to(outputs.device))
         except RuntimeError as exc:
             raise DataError(f"the task's loss failed on outputs of shape {tuple(outputs.shape)} and targets of "
                             f"shape {tuple(targets.shape)}: {exc}") from exc
+        if values.shape == (batch,):
+            (slopes,) = torch.autograd.grad(values.sum(), leaf)
+        else:  # not one value per example: differentiate each example's own loss (as the vmap backend does)
+            task = self.task
+
+            def single(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                return task.loss(output.unsqueeze(0), target.unsqueeze(0)).sum()
+
+            slopes = torch.func.vmap(torch.func.grad(single))(outputs.detach(), targets.to(outputs.device))
         return torch.einsum("bck,bc->bk", projected.to(torch.float64), slopes.to(projected.device, torch.float64))
 
     def measurement_features(self, source: ExampleSource, start: int, stop: int, batch_size: int,

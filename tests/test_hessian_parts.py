@@ -144,3 +144,19 @@ def test_a_hessian_sample_is_part_of_the_store_identity(tiny_run, tmp_path):
     plain = tiny_run.attributor(tmp_path / "plain.zarr")
     plain.featurize(progress=False)
     np.testing.assert_allclose(every.layout.read_hessian(0), plain.layout.read_hessian(0), rtol=1e-12)
+
+
+def test_a_loss_of_another_shape_gives_the_same_features(tiny_run, tmp_path):
+    """A task whose loss is (B, 1) rather than (B,): each example is differentiated on its own."""
+    from srcproj import Attributor, ClassificationTask
+
+    class ColumnLoss(ClassificationTask):
+        def loss(self, outputs, targets):
+            return super().loss(outputs, targets).unsqueeze(1)
+
+    column = Attributor(tiny_run.model, ColumnLoss(), tiny_run.trajectory(), tmp_path / "column.zarr",
+                        proj_dim=16, feature_dtype="float32", chunk_size=16)
+    column.featurize(progress=False)
+    plain = tiny_run.attributor(tmp_path / "plain.zarr")
+    plain.featurize(progress=False)
+    assert_scores_close(column.checkpoint_features(0), plain.checkpoint_features(0), rtol=1e-5)
