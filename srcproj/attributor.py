@@ -210,8 +210,8 @@ class Attributor(AttributionMethod):
         and caches; steps, learning rates, momentum: caches) are recomputed; see
         :class:`~srcproj.pipeline.FeaturizeReport` for what was computed and skipped.
         In a distributed job every rank must call it: rank ``r`` of ``W`` computes the
-        row chunks ``c`` with ``c % W == r``; the Hessians' float64 partial sums are
-        added over the ranks; rank 0 writes the Hessians and the spectra. It returns on
+        row chunks ``c`` with ``c % W == r`` (features and each chunk's float64 Hessian
+        part, in the store); rank 0 adds the parts and writes the Hessians and the spectra. It returns on
         every rank once the whole store is complete. The result equals a one-process
         run up to the order of floating-point sums.
 

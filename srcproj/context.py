@@ -30,7 +30,7 @@ from .projection import FastJLProjector, KroneckerProjector, Projector, Rademach
 from .store import AttributionStore, metadata_differences
 from .tasks import Task
 from .trajectory import Trajectory
-from .validation import check_choice, check_positive_int
+from .validation import check_choice, check_device, check_positive_int
 
 __all__ = ["AttributionContext", "FEATURE_DTYPES", "projector_from_description"]
 
@@ -39,25 +39,11 @@ FEATURE_DTYPES = ("float16", "float32", "float64")
 
 def _device(device: Any, model: nn.Module) -> torch.device:
     """The checked device to compute on; by default the model's."""
-    if device is None:
-        for tensor in model.parameters():
-            return tensor.device
-        return torch.device("cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigurationError(f"device={device!r} is not a torch device ({exc}); pass e.g. 'cpu' or 'cuda:0'") \
-            from None
-    if chosen.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigurationError(f"device={device!r} but CUDA is not available to this torch "
-                                     f"({torch.__version__}); pass device='cpu' or install a CUDA build of torch")
-        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
-            raise ConfigurationError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA "
-                                     "device(s); pick an existing index")
-    elif chosen.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigurationError(f"device={device!r} but MPS is not available; pass device='cpu'")
-    return chosen
+    if device is not None:
+        return check_device(device)
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _check_proj_dim(proj_dim: int, num_params: int) -> None:
@@ -464,15 +450,18 @@ class AttributionContext:
         if self.hessian_sample is None or self.hessian_sample >= total:
             return None
         take = min(rows, max(1, round(self.hessian_sample * rows / total)))
-        seed = int(self.projector.describe().get("seed", 0))
-        generator = np.random.default_rng([seed % (1 << 63), checkpoint, chunk, 0x4853])
+        generator = np.random.default_rng(self._chunk_entropy(checkpoint, chunk, 0x4853))
         return start + np.sort(generator.choice(rows, size=take, replace=False))
 
     def fisher_generator(self, checkpoint: int, chunk: int) -> torch.Generator:
         """The label sampler of one checkpoint's row chunk: the same whichever rank computes it."""
-        seed = int(self.projector.describe().get("seed", 0))
-        words = np.random.SeedSequence([seed % (1 << 64), checkpoint, chunk]).generate_state(2, dtype=np.uint32)
+        words = np.random.SeedSequence(self._chunk_entropy(checkpoint, chunk)).generate_state(2, dtype=np.uint32)
         return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+
+    def _chunk_entropy(self, checkpoint: int, chunk: int, *purpose: int) -> list[int]:
+        """Seed material of one checkpoint's row chunk: the projection's seed, not the rank."""
+        seed = int(self.projector.describe().get("seed", 0))
+        return [seed % (1 << 64), checkpoint, chunk, *purpose]
 
 
 def check_finite_rows(rows: torch.Tensor, offset: int, what: str, fix: str) -> None:

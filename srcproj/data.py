@@ -164,27 +164,26 @@ class ExampleSource:
         if self._tensors is not None:
             inputs, targets = self._tensors
             return inputs[start:stop], targets[start:stop]
-        items = [self._pair(self._dataset[i], i) for i in range(start, stop)]
-        try:
-            inputs, targets = default_collate(items)
-        except (RuntimeError, TypeError) as exc:
-            raise DataError(
-                f"{self.what}: examples {start}..{stop - 1} cannot be stacked into a batch ({exc}); "
-                "every example must have the same input shape and target type"
-            ) from None
-        return _as_tensor(inputs, f"{self.what}: x"), _as_tensor(targets, f"{self.what}: y")
+        return self._stack(range(start, stop), f"examples {start}..{stop - 1}")
 
     def take(self, indices: np.ndarray) -> tuple[Tensor, Tensor]:
         """The examples at ``indices`` (increasing), stacked as ``(inputs, targets)``."""
         if self._tensors is not None:
             index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
             return self._tensors[0][index], self._tensors[1][index]
-        items = [self._pair(self._dataset[int(i)], int(i)) for i in indices]
+        shown = ", ".join(str(int(i)) for i in indices[:5]) + (", ..." if len(indices) > 5 else "")
+        return self._stack([int(i) for i in indices], f"examples {shown}")
+
+    def _stack(self, indices, shown: str) -> tuple[Tensor, Tensor]:
+        """The data set's examples at ``indices`` collated into ``(inputs, targets)``."""
+        items = [self._pair(self._dataset[i], i) for i in indices]
         try:
             inputs, targets = default_collate(items)
         except (RuntimeError, TypeError) as exc:
-            raise DataError(f"{self.what}: examples {list(indices)[:5]}... cannot be stacked into a batch ({exc}); "
-                            "every example must have the same input shape and target type") from None
+            raise DataError(
+                f"{self.what}: {shown} cannot be stacked into a batch ({exc}); "
+                "every example must have the same input shape and target type"
+            ) from None
         return _as_tensor(inputs, f"{self.what}: x"), _as_tensor(targets, f"{self.what}: y")
 
     def all_targets(self) -> Tensor:

@@ -178,6 +178,7 @@ class GradientStage:
         x, y = source.rows(start, stop) if rows is None else source.take(rows)
         with report.timing("gradients"):
             projected, outputs = ctx.gradients.output_features(trainable, fixed, x)
+            projected = projected.to(torch.float64)  # once, for the features and the Gauss-Newton rows
         what = f"checkpoint {checkpoint}: the Gauss-Newton vectors of examples {start}..{stop - 1}"
         features = None
         if want_features:

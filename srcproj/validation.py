@@ -13,12 +13,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from .errors import ConfigurationError
 
 __all__ = [
     "check_bool",
     "check_choice",
+    "check_device",
     "check_finite",
     "check_int",
     "check_positive_int",
@@ -88,3 +90,22 @@ def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ConfigurationError(f"{name}={value!r}; it must be True or False")
     return bool(value)
+
+
+def check_device(value: Any, name: str = "device") -> torch.device:
+    """``value`` as a ``torch.device`` that exists on this machine."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigurationError(f"{name}={value!r} is not a torch device ({exc}); pass e.g. 'cpu' or 'cuda:0'") \
+            from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigurationError(f"{name}={value!r} but CUDA is not available to this torch "
+                                     f"({torch.__version__}); pass {name}='cpu' or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigurationError(f"{name}={value!r} but this machine has {torch.cuda.device_count()} CUDA "
+                                     "device(s); pick an existing index")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigurationError(f"{name}={value!r} but MPS is not available; pass {name}='cpu'")
+    return device

@@ -94,6 +94,13 @@ def test_float16_rows_keep_their_relative_precision(exponent):
     assert np.all((nonzero >= 2.0 ** 14) & (nonzero <= 2.0 ** 15))
 
 
+def test_rows_beyond_float32_are_refused():
+    from srcproj import StoreError
+
+    with pytest.raises(StoreError, match="beyond float32's range"):
+        encode_float16_rows(np.full((2, 4), 1e300))
+
+
 class _ScaledLoss(ClassificationTask):
     """Cross-entropy times a constant: every gradient is scaled by it."""
 
@@ -193,6 +200,14 @@ def test_the_kind_of_data_is_decided_by_type_not_length(tiny_run):
         ExampleSource({"x": tiny_run.X, "y": tiny_run.y}, "data")
     with pytest.raises(DataError, match="is empty"):
         ExampleSource([], "data")
+
+
+def test_examples_that_do_not_stack_name_them(tiny_run):
+    ragged = [(tiny_run.X[i][: 8 - i % 2], tiny_run.y[i]) for i in range(8)]
+    with pytest.raises(DataError, match=r"examples 0, 1, 2, 3, 4, \.\.\. cannot be stacked"):
+        ExampleSource(ragged, "data").take(np.arange(8))
+    with pytest.raises(DataError, match=r"examples 0\.\.3 cannot be stacked"):
+        ExampleSource(ragged, "data").rows(0, 4)
 
 
 def test_unconvertible_dict_values_name_the_fix(tiny_run):

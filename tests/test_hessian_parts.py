@@ -160,3 +160,15 @@ def test_a_loss_of_another_shape_gives_the_same_features(tiny_run, tmp_path):
     plain = tiny_run.attributor(tmp_path / "plain.zarr")
     plain.featurize(progress=False)
     assert_scores_close(column.checkpoint_features(0), plain.checkpoint_features(0), rtol=1e-5)
+
+
+def test_a_hessian_with_missing_parts_is_not_written(tiny_run, tmp_path, stop_after, monkeypatch):
+    from srcproj import StoreError
+
+    stop_after(10)
+    with pytest.raises(_Interrupt):
+        tiny_run.attributor(tmp_path / "run.zarr").featurize(progress=False)
+    monkeypatch.undo()
+    layout = tiny_run.attributor(tmp_path / "run.zarr").layout
+    with pytest.raises(StoreError, match=r"checkpoint 1 lacks the parts of row chunks \[3, 4, 5, 6\].*featurize"):
+        layout.sum_hessian_parts(1)
