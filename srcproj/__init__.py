@@ -13,6 +13,7 @@ from .errors import (
     StoreMismatchError,
 )
 from .method import AttributionMethod
+from .optimizer import SGD, Adam, AdamW
 from .projection import FastJLProjector, KroneckerProjector, MatrixProjector, Projector, RademacherProjector
 from .scoring import TopK
 from .tasks import ClassificationTask, RegressionTask, Task
@@ -25,6 +26,9 @@ __all__ = [
     "FeaturizeReport",
     "Segment",
     "Trajectory",
+    "SGD",
+    "Adam",
+    "AdamW",
     "Task",
     "ClassificationTask",
     "RegressionTask",

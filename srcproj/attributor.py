@@ -103,17 +103,18 @@ class Attributor(AttributionMethod):
                  hessian: str = "auto", fisher_samples: int = 1, hessian_sample: int | None = None,
                  feature_dtype: str = "float16",
                  chunk_size: int = 1024, device: str | torch.device | None = None, query: str = "last_segment",
-                 distributed: bool | None = None) -> None:
+                 preconditioner: str = "segment", distributed: bool | None = None) -> None:
         self.query = check_choice(query, "query", _QUERY_MODES)
         projector = RademacherProjector(proj_dim, seed) if projector is None else projector
         self.context = AttributionContext.from_trajectory(
             model, task, trajectory, projector, modules=modules, hessian=hessian, fisher_samples=fisher_samples,
-            hessian_sample=hessian_sample,
+            hessian_sample=hessian_sample, preconditioner=preconditioner,
             feature_dtype=feature_dtype, chunk_size=chunk_size, device=device)
         self.trajectory = trajectory
         self._collective = Collective(distributed)
         self.store = AttributionStore.open_shared(store, self.context.metadata(), self._collective)
         self.layout = StoreLayout(self.store)
+        self.context.attach(self.layout)
         self._stage_inputs = self.context.stage_inputs()
 
     @classmethod
@@ -229,7 +230,7 @@ class Attributor(AttributionMethod):
         trajectory = self.trajectory
         times = [trajectory.segment_time(s) for s in range(len(trajectory.segments))]
         return featurize(self.context, self.layout, self._collective, batch_size=batch_size, progress=progress,
-                         weight_decay=float(trajectory.weight_decay), times=times, stage_inputs=self._stage_inputs)
+                         times=times, stage_inputs=self._stage_inputs)
 
     def is_featurized(self) -> bool:
         """Whether every cache chunk is in the store, made with this Attributor's inputs."""
@@ -348,7 +349,7 @@ class Attributor(AttributionMethod):
         if kind == "loss" and same_data and bool(self.layout.features_done(index).all()):
             return self.layout.read_features(index, 0, self.layout.rows(seg)).astype(ctx.cache_dtype)
         source = ctx.source(seg)
-        with ctx.computer.evaluating():
+        with ctx.computer.evaluating(), ctx.preconditioned_at(index):
             rows = ctx.projected(ctx.split(index), source, 0, len(source), batch_size, kind, f"checkpoint {index}")
         return rows.to("cpu").numpy().astype(ctx.cache_dtype)
 
@@ -357,7 +358,7 @@ class Attributor(AttributionMethod):
         ctx = self.context
         index = ctx.checkpoint_number(checkpoint)
         source = ctx.query_source(queries)
-        with ctx.computer.evaluating():
+        with ctx.computer.evaluating(), ctx.preconditioned_at(index):
             rows = ctx.projected(ctx.parameters(index), source, 0, len(source), batch_size, "measurement",
                                  f"checkpoint {index}")
         return rows.to("cpu").numpy().astype(ctx.cache_dtype)

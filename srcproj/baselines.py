@@ -33,8 +33,10 @@ from .attributor import Attributor
 from .data import ExampleSource
 from .errors import ConfigurationError
 from .method import AttributionMethod, Source
+from .optimizer import split_checkpoint
 from .scoring import BlockReader, Cache, Queries
 from .source import eigendecompose
+from .store import metadata_differences
 from .tasks import ClassificationTask
 from .trajectory import Segment, Trajectory
 from .validation import check_choice
@@ -112,8 +114,10 @@ class InfluenceFunction(_StoreBaseline):
     def __init__(self, attributor: Attributor, damping: float | None = None, checkpoint: int = -1,
                  data_segment: int = 0) -> None:
         super().__init__(attributor, data_segment)
-        if damping is None:
-            damping = attributor.trajectory.weight_decay if attributor.trajectory is not None else 0.0
+        if damping is None:  # the run's weight decay, as it enters the (preconditioned) Hessian
+            ctx = attributor.context
+            damping = (ctx.small_space_decay(ctx.segment_of(ctx.checkpoint_number(checkpoint)))[0]
+                       if attributor.trajectory is not None else 0.0)
             if damping <= 0:
                 raise ConfigurationError(
                     "the run has no weight decay, so the influence function needs an explicit damping; "
@@ -172,12 +176,10 @@ class SourceVariant(Source):
                 f"the trajectory has {len(trajectory.segments)} segments; the store was made for "
                 f"{len(own.segments)}. Only steps and learning rates may change"
             )
-        if (trajectory.momentum, trajectory.weight_decay) != (own.momentum, own.weight_decay):
-            raise ConfigurationError(
-                f"the trajectory has momentum {trajectory.momentum} and weight decay {trajectory.weight_decay}; "
-                f"the store was made with {own.momentum} and {own.weight_decay}. Only steps and learning rates "
-                "may change"
-            )
+        shown = metadata_differences(own.spec.describe(), trajectory.spec.describe(), ("in the store", "now"))
+        if shown:
+            raise ConfigurationError(f"the trajectory's optimizer differs from the store's ({shown}); only steps "
+                                     "and learning rates may change")
         for i, (a, b) in enumerate(zip(trajectory.segments, own.segments, strict=True)):
             if len(a.checkpoints) != len(b.checkpoints):
                 raise ConfigurationError(f"segment {i} has {len(a.checkpoints)} checkpoints; the store has "
@@ -377,12 +379,32 @@ class Ensemble(AttributionMethod):
                                                    for read in readers], axis=1)
 
 
-def _load_state(checkpoint: Any) -> Mapping[str, torch.Tensor]:
-    if isinstance(checkpoint, Mapping):
-        return checkpoint
+def _load_state(checkpoint: Any) -> tuple[Mapping[str, torch.Tensor], Mapping | None]:
     if isinstance(checkpoint, (str, os.PathLike)):
-        return torch.load(os.fspath(checkpoint), map_location="cpu", weights_only=True)
+        checkpoint = torch.load(os.fspath(checkpoint), map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, Mapping):
+        return split_checkpoint(checkpoint)
     raise ConfigurationError(f"a checkpoint must be a state_dict or a path, got {type(checkpoint).__name__}")
+
+
+def _mean_optimizer_state(states: Sequence[Mapping], beta2: float) -> dict:
+    """One Adam state whose second moment is the mean of the checkpoints' bias-corrected
+    ones (its ``step`` makes the bias correction 1): the preconditioner SOURCE takes for
+    the segment."""
+    last = states[-1]
+    mean_state = {}
+    for index, entry in last["state"].items():
+        entry = dict(entry)
+        if "exp_avg_sq" in entry:
+            corrected = []
+            for state in states:
+                other = state["state"][index]
+                step = float(torch.as_tensor(other["step"]).item())
+                corrected.append(other["exp_avg_sq"].to(torch.float64) / (1.0 - beta2 ** step))
+            entry["exp_avg_sq"] = (sum(corrected) / len(corrected)).to(entry["exp_avg_sq"].dtype)
+            entry["step"] = torch.tensor(1e12)
+        mean_state[index] = entry
+    return {"state": mean_state, "param_groups": last["param_groups"]}
 
 
 def average_checkpoints(trajectory: Trajectory) -> Trajectory:
@@ -396,8 +418,11 @@ def average_checkpoints(trajectory: Trajectory) -> Trajectory:
     if not isinstance(trajectory, Trajectory):
         raise ConfigurationError(f"expected a srcproj.Trajectory, got {type(trajectory).__name__}")
     segments = []
+    beta2 = getattr(trajectory.spec, "betas", (0.0, 0.0))[1]
     for index, segment in enumerate(trajectory.segments):
-        states = [_load_state(c) for c in segment.checkpoints]
+        loaded = [_load_state(c) for c in segment.checkpoints]
+        states = [state for state, _ in loaded]
+        optimizer_states = [opt for _, opt in loaded]
         keys = list(states[-1].keys())
         for j, state in enumerate(states):
             if list(state.keys()) != keys:
@@ -410,5 +435,11 @@ def average_checkpoints(trajectory: Trajectory) -> Trajectory:
                 mean[key] = sum(s[key].to(torch.float64) for s in states).div(len(states)).to(last.dtype)
             else:
                 mean[key] = last.clone()
-        segments.append(Segment([mean], segment.steps, segment.lr, segment.data))
-    return Trajectory(segments, momentum=trajectory.momentum, weight_decay=trajectory.weight_decay)
+        checkpoint: Any = mean
+        if trajectory.spec.adaptive and all(opt is not None for opt in optimizer_states):
+            checkpoint = {"model": mean, "optimizer": _mean_optimizer_state(optimizer_states, beta2)}
+        segments.append(Segment([checkpoint], segment.steps, segment.lr, segment.data))
+    if trajectory.optimizer is not None:
+        return Trajectory(segments, optimizer=trajectory.optimizer, batch_size=trajectory.batch_size)
+    return Trajectory(segments, momentum=trajectory.momentum, weight_decay=trajectory.weight_decay,
+                      nesterov=trajectory.nesterov, dampening=trajectory.dampening, batch_size=trajectory.batch_size)

@@ -12,8 +12,10 @@ refused) and the inputs of the stages that can be recomputed in place.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,14 @@ from .data import ExampleSource, group_by_fingerprint
 from .errors import ConfigurationError, DataError, NonFiniteGradientError, StoreError, StoreMismatchError
 from .gradients import GradientComputer, ProjectedGradients
 from .layout import StoreLayout
+from .optimizer import ResolvedOptimizer, resolve_optimizer
+from .preconditioning import (
+    CHAININGS,
+    DecayRule,
+    bias_corrected_second_moment,
+    estimated_second_moment,
+    small_space_decay,
+)
 from .projection import FastJLProjector, KroneckerProjector, Projector, RademacherProjector
 from .store import AttributionStore, metadata_differences
 from .tasks import Task
@@ -101,12 +111,15 @@ class AttributionContext:
         self.segment_sizes = segment_sizes
         self._parameters: dict[int, tuple[dict, dict]] = {}
         self._bound = False
+        self.optimizer_record: dict = {"preconditioned": False}
+        self._layout: StoreLayout | None = None
+        self._scales: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_trajectory(cls, model: nn.Module, task: Task, trajectory: Trajectory, projector: Projector, *,
                         modules: Sequence[str] | None, hessian: str, fisher_samples: int, feature_dtype: str,
-                        hessian_sample: int | None = None,
+                        hessian_sample: int | None = None, preconditioner: str = "segment",
                         chunk_size: int, device: Any) -> AttributionContext:
         """Validate the user's inputs and read every checkpoint once (digests, shapes)."""
         if not isinstance(trajectory, Trajectory):
@@ -118,13 +131,22 @@ class AttributionContext:
             check_positive_int(hessian_sample, "hessian_sample")
         if not isinstance(projector, Projector):
             raise ConfigurationError(f"projector must be a srcproj Projector, got {type(projector).__name__}")
+        check_choice(preconditioner, "preconditioner", CHAININGS)
         computer = GradientComputer(model, task, modules)
         index = trajectory.checkpoint_index
+        resolved = resolve_optimizer(trajectory.optimizer if trajectory.optimizer is not None else trajectory.spec,
+                                     model, computer.param_names)
+
+        def label(c: int) -> str:
+            seg, pos = index[c]
+            return f"checkpoint {c} (segment {seg}, position {pos})"
+
+        def read(c: int) -> tuple[dict, Any]:
+            seg, pos = index[c]
+            return computer.read_checkpoint(trajectory.segments[seg].checkpoints[pos], label(c))
 
         def load(c: int) -> dict:
-            seg, pos = index[c]
-            return computer.load_checkpoint(trajectory.segments[seg].checkpoints[pos],
-                                            f"checkpoint {c} (segment {seg}, position {pos})")
+            return read(c)[0]
 
         _check_proj_dim(projector.proj_dim, computer.num_params)
         device = _device(device, model)
@@ -135,7 +157,22 @@ class AttributionContext:
                       checkpoint_segments=[s for s, _ in index], data_groups=groups,
                       sources=list(sources), loader=load, num_outputs=0, estimator=None,  # type: ignore[arg-type]
                       feature_dtype=feature_dtype, chunk_size=chunk_size, segment_sizes=[len(s) for s in sources])
-        context.digests = [computer.checkpoint_digest(load(c)) for c in range(len(index))]
+        context.digests, states = [], []
+        for c in range(len(index)):
+            state, optimizer_state = read(c)
+            context.digests.append(computer.checkpoint_digest(state))
+            by_name = ({} if optimizer_state is None else
+                       resolved.state_by_name(optimizer_state, label(c), computer.param_shapes))
+            states.append(_state_digest(by_name) if by_name else None)
+        context.optimizer = resolved
+        context._read_optimizer_state = lambda c: resolved.state_by_name(read(c)[1], label(c), computer.param_shapes)
+        context.optimizer_record = _optimizer_record(resolved, trajectory, states, preconditioner)
+        if context.optimizer_record["preconditioned"] and projector.factored:
+            raise ConfigurationError(
+                "the factored projection (KroneckerProjector) cannot apply the run's elementwise preconditioner ("
+                f"{context.optimizer_record['kind']}, or groups with different learning rates): it would break the "
+                "layers' rank-one gradients. Use the dense RademacherProjector (the default), which applies it "
+                "exactly, also on the fused Gauss-Newton pass")
         context.num_outputs = context._probe_outputs()
         for seg, source in enumerate(sources):
             if groups[seg] == seg:
@@ -213,6 +250,9 @@ class AttributionContext:
                       segment_sizes=list(layout.shape.segment_sizes))
         context.digests = digests
         context.trajectory = None
+        context.optimizer = None
+        context.optimizer_record = dict(meta.get("optimizer") or {"preconditioned": False})
+        context.attach(layout)
         context.hessian_sample = meta.get("hessian_sample")
         context._expected_projector = meta["projector"]
         return context
@@ -243,20 +283,124 @@ class AttributionContext:
             "hessian_sample": self.hessian_sample,
             "feature_dtype": self.feature_dtype,
             "chunk_size": self.chunk_size,
+            "optimizer": self.optimizer_record,
             "segments": segments,
         }
 
     def stage_inputs(self) -> dict[str, dict]:
         """The inputs of the stages that are recomputed in place when they change."""
-        trajectory = self.trajectory
+        trajectory, spec = self.trajectory, self.trajectory.spec
+        decays = self.optimizer.weight_decay
         return {
-            "spectra": {"weight_decay": float(trajectory.weight_decay)},
+            "spectra": {"weight_decay": float(spec.weight_decay),
+                        "group_weight_decays": {n: v for n, v in decays.items() if v != float(spec.weight_decay)},
+                        "decoupled": not spec.coupled_decay},
             "caches": {
                 "momentum": float(trajectory.momentum),
+                "gain": spec.gain(),
                 "segments": [{"steps": seg.steps, "total_lr": seg.total_lr, "time": trajectory.segment_time(i)}
                              for i, seg in enumerate(trajectory.segments)],
             },
         }
+
+    # ------------------------------------------------------------------ the optimizer's preconditioner
+    @property
+    def preconditioned(self) -> bool:
+        """Whether gradients are scaled by ``M^{1/2}`` before projection (Adam; SGD groups
+        with different learning rates)."""
+        return bool(self.optimizer_record.get("preconditioned"))
+
+    def attach(self, layout: StoreLayout) -> None:
+        """Read the preconditioner's scales from ``layout`` (written by the pipeline's first stage)."""
+        self._layout = layout
+        self._scales.clear()
+
+    def scale_of(self, segment: int) -> torch.Tensor:
+        """``M^{1/2}`` of ``segment`` on the device, flat over the attributed parameters."""
+        found = self._scales.get(segment)
+        if found is None:
+            layout = self._layout
+            if layout is None or not bool(layout.preconditioner_done()[segment]):
+                raise StoreError(f"the preconditioner of segment {segment} is not in the store: run featurize() first")
+            found = torch.from_numpy(layout.read_scale(segment).astype(np.float64)).to(self.device)
+            self._scales[segment] = found
+        return found
+
+    @contextlib.contextmanager
+    def preconditioned_at(self, checkpoint: int) -> Iterator[None]:
+        """Meanwhile, gradient rows are scaled by the preconditioner of ``checkpoint``'s segment."""
+        if not self.preconditioned:
+            yield
+            return
+        gradients = self.gradients
+        before = gradients.scale
+        gradients.scale = self.scale_of(self.segment_of(checkpoint))
+        try:
+            yield
+        finally:
+            gradients.scale = before
+
+    def flat(self, values: Mapping[str, float]) -> np.ndarray:
+        """A per-parameter setting spread over the flat attributed parameters."""
+        shapes = self.computer.param_shapes
+        return np.concatenate([np.full(int(np.prod(shapes[n], dtype=np.int64)), float(values[n]))
+                               for n in self.computer.param_names])
+
+    def small_space_decay(self, segment: int) -> tuple[float, DecayRule]:
+        """The weight decay added to ``segment``'s (preconditioned) Hessian as ``δ·I_k``."""
+        spec = self.trajectory.spec
+        scale = moment = None
+        if self.preconditioned:
+            scale = self._layout.read_scale(segment).astype(np.float64)
+            moment = self._layout.read_moment(segment)
+            moment = None if moment is None else moment.astype(np.float64)
+        return small_space_decay(spec, self.flat(self.optimizer.weight_decay), scale, moment)
+
+    def second_moment(self, checkpoints: Sequence[int], batch_size: int, bar: Any = None) -> np.ndarray:
+        """Adam's ``v̄``: the bias-corrected second moment averaged over ``checkpoints``,
+        from their optimizer state, or estimated from per-example gradients
+        (``mean² + variance / B``, over each checkpoint's segment's training examples)."""
+        spec, record = self.trajectory.spec, self.optimizer_record
+        names, shapes = self.computer.param_names, self.computer.param_shapes
+        sizes = {n: int(np.prod(shapes[n], dtype=np.int64)) for n in names}
+        total = np.zeros(self.computer.num_params)
+        for c in checkpoints:
+            if record["second_moment"] == "optimizer state":
+                total += bias_corrected_second_moment(self.optimizer_state(c), names, sizes, spec.betas[1],
+                                                      self.label(c))
+            else:
+                total += self._estimated_moment(c, batch_size, int(record["batch_size"]))
+            if bar is not None:
+                bar.update(1)
+        return total / len(checkpoints)
+
+    def _estimated_moment(self, checkpoint: int, batch_size: int, train_batch: int) -> np.ndarray:
+        source = self.source(self.segment_of(checkpoint))
+        trainable, fixed = self.split(checkpoint)
+        sums = torch.zeros(self.computer.num_params, dtype=torch.float64)
+        squares = torch.zeros_like(sums)
+        with self.computer.evaluating():
+            for lo in range(0, len(source), batch_size):
+                x, y = source.rows(lo, min(lo + batch_size, len(source)))
+                xs, ys = self.computer.prepare(trainable, x, y)
+                grads = self.computer.per_example_grads(trainable, fixed, xs, ys, "loss").to("cpu", torch.float64)
+                check_finite_rows(grads, lo, f"{self.label(checkpoint)}: the gradient of example {{row}} of "
+                                  f"{source.what}", "check that checkpoint for NaN weights and that example")
+                sums += grads.sum(0)
+                squares += (grads * grads).sum(0)
+        mean_shift = None
+        if self.trajectory.spec.coupled_decay:  # Adam adds λθ to the gradient before its moments
+            theta = torch.cat([trainable[n].detach().reshape(-1).to("cpu", torch.float64)
+                               for n in self.computer.param_names])
+            mean_shift = torch.from_numpy(self.flat(self.optimizer.weight_decay)) * theta * len(source)
+        if mean_shift is not None:
+            squares += 2 * mean_shift * sums / len(source) + mean_shift * mean_shift / len(source)
+            sums += mean_shift
+        return estimated_second_moment(sums.numpy(), squares.numpy(), len(source), train_batch)
+
+    def optimizer_state(self, checkpoint: int) -> dict[str, dict]:
+        """The saved optimizer state of a checkpoint, by attributed parameter name."""
+        return self._read_optimizer_state(checkpoint)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -427,8 +571,9 @@ class AttributionContext:
         total = None
         with self.computer.evaluating():
             for index in indices:
-                rows = self.projected(self.parameters(index), source, start, stop, batch_size, "measurement",
-                                      self.label(index)).to("cpu", torch.float64)
+                with self.preconditioned_at(index):
+                    rows = self.projected(self.parameters(index), source, start, stop, batch_size, "measurement",
+                                          self.label(index)).to("cpu", torch.float64)
                 total = rows if total is None else total + rows
         return (total / len(indices)).numpy().astype(self.cache_dtype)
 
@@ -470,3 +615,49 @@ def check_finite_rows(rows: torch.Tensor, offset: int, what: str, fix: str) -> N
     if not bool(finite.all()):
         first = offset + int(torch.nonzero(~finite)[0, 0])
         raise NonFiniteGradientError(f"{what.format(row=first)} is NaN or inf; {fix}")
+
+
+def _state_digest(state: Mapping[str, dict]) -> str:
+    """Hash of a checkpoint's Adam second moments and steps (what the preconditioner reads)."""
+    digest = hashlib.blake2b(digest_size=12)
+    for name in sorted(state):
+        entry = state[name]
+        step = entry.get("step")
+        digest.update(f"{name}:{float(step) if step is not None else 'none'};".encode())
+        value = entry.get("exp_avg_sq")
+        if isinstance(value, torch.Tensor):
+            digest.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _optimizer_record(resolved: ResolvedOptimizer, trajectory: Trajectory, states: list[str | None],
+                      chaining: str) -> dict:
+    """What of the optimizer identifies the store's features (a change is refused)."""
+    spec = resolved.spec
+    record: dict[str, Any] = {"kind": spec.kind, "preconditioned": bool(spec.adaptive or not resolved.uniform_lr),
+                              "lr_scales": {n: v for n, v in resolved.lr_scale.items() if v != 1.0}}
+    if not spec.adaptive:
+        if any(s is not None for s in states):
+            record["note"] = "SGD state in the checkpoints is not read"
+        return record
+    carried = [s is not None for s in states]
+    if all(carried):
+        moment = "optimizer state"
+    elif not any(carried):
+        if trajectory.batch_size is None:
+            raise ConfigurationError(
+                f"the trajectory describes an {spec.kind} run but its checkpoints carry no optimizer state, which "
+                "gives SOURCE its preconditioner: save checkpoints as {\"model\": model.state_dict(), "
+                "\"optimizer\": optimizer.state_dict()}, or give Trajectory(batch_size=B) to estimate the second "
+                "moment from per-example gradients")
+        moment = "estimated"
+    else:
+        missing = [c for c, has in enumerate(carried) if not has]
+        raise ConfigurationError(
+            f"checkpoints {missing[:10]} carry no optimizer state while the others do; save every checkpoint with "
+            "its optimizer state (or none of them, with Trajectory(batch_size=B))")
+    record.update({"betas": list(spec.betas), "eps": float(spec.eps), "chaining": chaining,
+                   "second_moment": moment, "state_digests": states})
+    if moment == "estimated":
+        record["batch_size"] = int(trajectory.batch_size)
+    return record

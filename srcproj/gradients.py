@@ -23,12 +23,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from .errors import CheckpointMismatchError, ConfigurationError, DataError
+from .optimizer import split_checkpoint
 from .tasks import MODEL_MODES, Task, default_model_outputs
 from .trajectory import Checkpoint
 from .validation import check_choice
@@ -553,7 +555,12 @@ class GradientComputer:
         return digest.hexdigest()
 
     def load_checkpoint(self, checkpoint: Checkpoint, label: str) -> dict[str, Tensor]:
-        """Read and check a checkpoint; ``label`` names it in errors ("checkpoint 3")."""
+        """Read and check a checkpoint's model state; ``label`` names it in errors ("checkpoint 3")."""
+        return self.read_checkpoint(checkpoint, label)[0]
+
+    def read_checkpoint(self, checkpoint: Checkpoint, label: str) -> tuple[dict[str, Tensor], Mapping | None]:
+        """``(checked model state, optimizer state or None)`` of a checkpoint: a
+        state_dict, or ``{"model": ..., "optimizer": ...}``, in memory or as a path."""
         if isinstance(checkpoint, (str, os.PathLike)):
             path = os.fspath(checkpoint)
             if not os.path.isfile(path):
@@ -566,10 +573,12 @@ class GradientComputer:
                 ) from exc
         else:
             state = checkpoint
+        state, optimizer_state = split_checkpoint(state)
         if not isinstance(state, Mapping):
             raise CheckpointMismatchError(
-                f"{label} is a {type(state).__name__}; pass a state_dict (model.state_dict()) "
-                "or the path of one saved with torch.save"
+                f"{label} is a {type(state).__name__}; pass a state_dict (model.state_dict()), a dict "
+                '{"model": model.state_dict(), "optimizer": optimizer.state_dict()}, or the path of either '
+                "saved with torch.save"
             )
         missing = [k for k in self._reference if k not in state]
         unexpected = [k for k in state if k not in self._reference]
@@ -592,7 +601,7 @@ class GradientComputer:
                 f"{label} has {have} values, the model has {want}: was it saved from another "
                 f"architecture? ({'; '.join(details)})"
             )
-        return dict(state)
+        return dict(state), optimizer_state
 
     def checkpoint_digest(self, state: Mapping[str, Tensor]) -> str:
         digest = hashlib.blake2b(digest_size=12)
@@ -869,6 +878,18 @@ class GradientBackend(ABC):
         self.computer = computer
         self.projector = projector
         self._footprints: dict[tuple, _Footprint] = {}
+        #: ``M^{1/2}`` of the optimizer's preconditioner, one entry per attributed
+        #: parameter entry (``param_names`` order), or ``None``: the rows are scaled by it
+        #: before they are projected (docs/math.md §6), exactly, on every path.
+        self.scale: Tensor | None = None
+
+    def _scale_of(self, lo: int, hi: int, like: Tensor) -> Tensor:
+        scale = self.scale
+        assert scale is not None
+        part = scale[lo:hi]
+        if part.dtype != like.dtype or part.device != like.device:
+            part = part.to(like.device, like.dtype)
+        return part
 
     def _footprint(self, trainable: dict, fixed: dict, x: Tensor) -> _Footprint:
         """One example's outputs and activations, from one forward pass of ``x[0]``
@@ -919,10 +940,26 @@ class GradientBackend(ABC):
 
     def _project(self, pieces: GradientPieces) -> Tensor:
         """Gradient rows to features: the pieces as they are for a projector that
-        accepts pieces (formed one at a time), else the concatenated rows."""
+        accepts pieces (formed one at a time), else the concatenated rows; each
+        piece's columns scaled by :attr:`scale` first, when there is one."""
+        if self.scale is not None:
+            pieces = self._scaled(pieces)
         if self.projector.accepts_pieces:
             return self.projector.project_pieces(pieces)
         return self.projector.project(pieces.cat())
+
+
+    def _scaled(self, pieces: GradientPieces) -> GradientPieces:
+        if pieces.num_params != int(self.scale.numel()):
+            raise ConfigurationError(f"the preconditioner has {int(self.scale.numel())} entries, the gradient rows "
+                                     f"{pieces.num_params}")
+        offsets = np.cumsum([0, *pieces.sizes])
+
+        def make(i: int) -> Tensor:
+            piece = pieces[i]
+            return piece * self._scale_of(int(offsets[i]), int(offsets[i + 1]), piece)
+
+        return GradientPieces(pieces.sizes, make, pieces.batch, pieces.dtype, pieces.device)
 
 
 class VmapBackend(GradientBackend):
@@ -1224,6 +1261,8 @@ class DenseHookBackend(GradientBackend):
             columns = values[:, a - lo:b - lo]
             if columns.dtype != plan.dtype:
                 columns = columns.to(plan.dtype)
+            if self.scale is not None:
+                columns = columns * self._scale_of(a, b, columns)
             out.addmm_(columns, rows)
 
     def _contract(self, layer: FactoredLayer, a: Tensor, delta: Tensor, plan: _FusedPlan, out: Tensor) -> None:
@@ -1245,6 +1284,9 @@ class DenseHookBackend(GradientBackend):
             r_hi = min(d_out, r_lo + block)
             rows = self.projector.rows_of(start + r_lo * d_in, start + r_hi * d_in, plan.dtype, device,
                                           plan.num_params, out=buffer).view(r_hi - r_lo, d_in, k)
+            if self.scale is not None:  # (P_W diag(s)) ×₃ a: the preconditioner scales P's rows, still exact
+                # (a view of P's cached block may come back: never scaled in place)
+                rows = rows * self._scale_of(start + r_lo * d_in, start + r_hi * d_in, rows).view(r_hi - r_lo, d_in, 1)
             part = contracted[: r_hi - r_lo]
             for r in range(r_hi - r_lo):
                 torch.mm(a, rows[r], out=part[r])
@@ -1252,6 +1294,9 @@ class DenseHookBackend(GradientBackend):
         if layer.bias is not None:
             bias = self.projector.rows_of(plan.offsets[layer.bias], plan.offsets[layer.bias] + d_out, plan.dtype,
                                           device, plan.num_params, out=buffer)
+            if self.scale is not None:
+                bias = bias * self._scale_of(plan.offsets[layer.bias], plan.offsets[layer.bias] + d_out,
+                                             bias).unsqueeze(1)
             out.view(batch * num_outputs, k).addmm_(delta.view(batch * num_outputs, d_out), bias)
 
 
@@ -1282,8 +1327,16 @@ class FactoredBackend(GradientBackend):
         self.projector.lay_out(factored_split(computer.model, computer.param_names, params, example,
                                               computer.outputs))
 
+    def _refuse_scale(self) -> None:
+        if self.scale is not None:
+            raise ConfigurationError(
+                "the factored projection (KroneckerProjector) cannot apply an elementwise preconditioner (an Adam "
+                "run, or SGD groups with different learning rates): it breaks the layers' rank-one gradients. Use "
+                "the dense RademacherProjector (the default), which applies it exactly")
+
     def features(self, trainable: dict, fixed: dict, x: Tensor, y: Tensor, kind: str = "loss") -> Tensor:
         computer, projector = self.computer, self.projector
+        self._refuse_scale()
         layers = projector.require_bound(computer.param_names)
         if computer.model.training:
             return self._rows.features(trainable, fixed, x, y, kind)
@@ -1300,6 +1353,7 @@ class FactoredBackend(GradientBackend):
 
     def output_features(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:
         computer, projector = self.computer, self.projector
+        self._refuse_scale()
         projector.require_bound(computer.param_names)
         if computer.model.training:
             return self._rows.output_features(trainable, fixed, x)
@@ -1375,10 +1429,30 @@ class ProjectedGradients:
         self.projector = projector
         self.backend: GradientBackend = (FactoredBackend(computer, projector) if projector.factored
                                          else VmapBackend(computer, projector))
+        self._scale: Tensor | None = None
 
     @property
     def proj_dim(self) -> int:
         return int(self.projector.proj_dim)
+
+    @property
+    def scale(self) -> Tensor | None:
+        """The preconditioner ``M^{1/2}`` applied to every gradient row (``None``: none)."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: Tensor | None) -> None:
+        if value is not None and int(value.numel()) != self.computer.num_params:
+            raise ConfigurationError(f"the preconditioner has {int(value.numel())} entries for "
+                                     f"{self.computer.num_params} attributed parameters")
+        self._scale = value
+        backend = self.backend
+        while backend is not None:
+            backend.scale = value
+            backend = backend.fallback
+        rows = getattr(self.backend, "_rows", None)
+        if rows is not None:
+            rows.scale = value
 
     def bind(self, params: Mapping[str, Tensor], example: Tensor) -> None:
         """Choose the backend and lay out the model's layers for the projector, checked on
@@ -1399,6 +1473,7 @@ class ProjectedGradients:
             else:
                 backend = VmapBackend(computer, projector)
         self.backend = backend
+        self.scale = self._scale
 
     def features(self, trainable: dict, fixed: dict, x: Tensor, y: Tensor, kind: str = "loss") -> Tensor:
         """Projected per-example gradients of ``kind`` ("loss" or "measurement"), ``(B, k)``."""
@@ -1414,6 +1489,7 @@ class ProjectedGradients:
         # backend stays for the next call.
         features = backend.fallback.features(trainable, fixed, x, y, kind)
         self.backend = backend.fallback
+        self.scale = self._scale
         return features
 
     def output_features(self, trainable: dict, fixed: dict, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -20,6 +20,11 @@ Layout (``c`` a checkpoint in training order, ``l`` a segment)::
     caches/seg_{l}_done            (n_chunks,)
     query/ckpt_{c}                 the bytes of a query checkpoint's state (the last segment's)
     query/done                     (n_checkpoints,)
+    preconditioner/seg_{l}_scale   (p,) float32 M^{1/2} of the optimizer's preconditioner over the
+                                   attributed parameters (runs that have one: Adam, SGD groups
+                                   with different learning rates)
+    preconditioner/seg_{l}_moment  (p,) float32 Adam's bias-corrected second moment v̄
+    preconditioner/done            (n_segments,)
 
 Every unit of work (a row chunk, a checkpoint's Hessian, a segment's spectrum) is written
 first and flagged after, so a killed job leaves each unit finished or redone. A stage's
@@ -49,7 +54,8 @@ from .store import AttributionStore, metadata_differences
 __all__ = ["STAGES", "StoreLayout", "decode_float16_rows", "encode_float16_rows", "features", "feature_scale",
            "features_done", "hessian", "hessian_counts", "hessian_parts", "hessian_parts_done", "HESSIANS_DONE",
            "eigenvalues",
-           "eigenvectors", "SPECTRA_DONE", "cache", "cache_done", "query_checkpoint", "QUERY_DONE"]
+           "eigenvectors", "SPECTRA_DONE", "cache", "cache_done", "query_checkpoint", "QUERY_DONE",
+           "PRECONDITIONER_DONE", "preconditioner_scale", "preconditioner_moment"]
 
 #: The stages of featurization, in order; a stage depends on every stage before it.
 STAGES = ("features", "hessians", "spectra", "caches")
@@ -104,6 +110,17 @@ def cache(segment: int) -> str:
 
 def cache_done(segment: int) -> str:
     return f"caches/seg_{segment}_done"
+
+
+PRECONDITIONER_DONE = "preconditioner/done"
+
+
+def preconditioner_scale(segment: int) -> str:
+    return f"preconditioner/seg_{segment}_scale"
+
+
+def preconditioner_moment(segment: int) -> str:
+    return f"preconditioner/seg_{segment}_moment"
 
 
 def query_checkpoint(checkpoint: int) -> str:
@@ -298,6 +315,38 @@ class StoreLayout:
     def query_flags(self) -> zarr.Array:
         return self.store.flags(QUERY_DONE, self.num_checkpoints)
 
+    # ------------------------------------------------------------------ preconditioner
+    @property
+    def preconditioned(self) -> bool:
+        return bool((self.store.metadata.get("optimizer") or {}).get("preconditioned"))
+
+    @property
+    def num_params(self) -> int:
+        return int(self.store.metadata["num_params"])
+
+    def preconditioner_flags(self) -> zarr.Array:
+        return self.store.flags(PRECONDITIONER_DONE, self.num_segments)
+
+    def preconditioner_done(self) -> np.ndarray:
+        return self._flags(PRECONDITIONER_DONE, self.num_segments)
+
+    def write_preconditioner(self, segment: int, scale: np.ndarray, moment: np.ndarray | None) -> None:
+        """Write a segment's ``M^{1/2}`` (and Adam's ``v̄``), then flag it."""
+        p = self.num_params
+        for name, values in ((preconditioner_scale(segment), scale), (preconditioner_moment(segment), moment)):
+            if values is None:
+                continue
+            array = self.store.array(name, (p,), "float32", chunks=(min(p, 1 << 22),))
+            self.store.write_durably(array, slice(0, p), np.asarray(values, dtype=np.float32))
+        self.preconditioner_flags()[segment] = True
+
+    def read_scale(self, segment: int) -> np.ndarray:
+        return self.store.read_all(preconditioner_scale(segment))
+
+    def read_moment(self, segment: int) -> np.ndarray | None:
+        name = preconditioner_moment(segment)
+        return self.store.read_all(name) if self.store.has(name) else None
+
     def create(self) -> None:
         """Create every array featurize writes (in a distributed job rank 0 does, first)."""
         for c in range(self.num_checkpoints):
@@ -317,6 +366,8 @@ class StoreLayout:
             self.cache_flags(seg)
         self.spectrum_flags()
         self.query_flags()
+        if self.preconditioned:
+            self.preconditioner_flags()
 
     # ------------------------------------------------------------------ reading
     def read_features(self, checkpoint: int, start: int, stop: int) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Featurization as a pipeline of stages that each write to the store and resume.
 
+0. :class:`PreconditionerStage`: per segment, the optimizer's preconditioner ``M^{1/2}``
+   (Adam's ``1/(√v̄ + ε)``, group learning-rate ratios), for runs that have one (rank 0).
 1. :class:`GradientStage`: per checkpoint, this rank's row chunks of training features
    ``φ_c = P ∇L`` (float16 rows with a power-of-two scale each, by default) and of the
    Hessian's parts: each chunk's float64 sum of the Gauss-Newton rows of the chosen
@@ -7,8 +9,8 @@
    ``exact`` estimator one pass gives both: the projected output Jacobians ``P J_iᵀ``
    make the Gauss-Newton rows, and the feature is their combination ``P J_iᵀ ∂L/∂f``.
    Once every chunk's part is in, rank 0 writes the mean and drops the parts.
-2. :class:`SpectrumStage`: per segment, the eigendecomposition of its mean Hessian + wd·I
-   (rank 0).
+2. :class:`SpectrumStage`: per segment, the eigendecomposition of its mean Hessian + δ·I,
+   δ the weight decay in the small space (rank 0).
 3. :class:`CacheStage`: per segment, this rank's row chunks of ``Ḡ_ℓ W_ℓᵀ``.
 
 A killed job loses at most the chunk in progress. Each stage reports what it computed
@@ -35,10 +37,10 @@ from .errors import StoreError
 from .layout import StoreLayout
 from .source import SegmentSpectrum, eigendecompose, unrolling_operators
 
-__all__ = ["CacheStage", "FeaturizeReport", "GradientStage", "SpectrumStage", "featurize"]
+__all__ = ["CacheStage", "FeaturizeReport", "GradientStage", "PreconditionerStage", "SpectrumStage", "featurize"]
 
 #: The kinds of work whose seconds :attr:`FeaturizeReport.stage_seconds` reports.
-STAGE_TIMES = ("gradients", "hessians", "spectra", "caches")
+STAGE_TIMES = ("preconditioner", "gradients", "hessians", "spectra", "caches")
 
 
 @dataclass
@@ -66,8 +68,16 @@ class FeaturizeReport:
     #: rows entered the Hessian parts this call computed (all checkpoints together).
     hessian_estimator: str = ""
     hessian_examples: int = 0
+    #: The optimizer's preconditioner: "none" (SGD), or where Adam's second moment came
+    #: from ("optimizer state", "estimated from per-example gradients, batch size B").
+    preconditioner: str = "none"
+    #: Per segment, the weight decay added to its Hessian in the small space, and how it
+    #: was obtained ("uniform": exact; otherwise the mean that was taken).
+    weight_decays: list[float] = field(default_factory=list)
+    weight_decay_rule: str = "uniform"
     seconds: float = 0.0
-    #: Seconds per kind of work: "gradients" (per-example gradients and their projection:
+    #: Seconds per kind of work: "preconditioner" (Adam's second moment), "gradients"
+    #: (per-example gradients and their projection:
     #: features, and the projected Jacobians that also give the exact Hessian's rows),
     #: "hessians" (Gauss-Newton rows, their k×k sums and the means), "spectra"
     #: (eigendecompositions) and "caches".
@@ -134,6 +144,13 @@ class GradientStage:
         bar.update(len(mine) - len(todo))
         if not todo:
             return
+        with ctx.preconditioned_at(checkpoint):
+            self._run(checkpoint, params, feature_chunks, hessian_chunks, todo, bar)
+
+    def _run(self, checkpoint: int, params: tuple[dict, dict], feature_chunks: list[int], hessian_chunks: list[int],
+             todo: list[int], bar: tqdm) -> None:
+        ctx, layout, report = self.context, self.layout, self.report
+        seg = layout.segment_of(checkpoint)
         source, label = ctx.source(seg), f"checkpoint {checkpoint} (segment {seg})"
         bounds = layout.chunks(seg)
         feature_flags = layout.feature_flags(checkpoint)
@@ -239,11 +256,48 @@ class GradientStage:
             layout.drop_hessian_parts(checkpoint)
 
 
-class SpectrumStage:
-    """Per segment, the eigendecomposition of its mean Hessian + wd·I, computed once."""
+class PreconditionerStage:
+    """Per segment, ``M^{1/2}`` of the run's optimizer (docs/math.md §6), written once.
 
-    def __init__(self, context: AttributionContext, layout: StoreLayout, weight_decay: float) -> None:
-        self.context, self.layout, self.weight_decay = context, layout, weight_decay
+    Adam: ``M = r / (√v̄ + ε)`` with ``v̄`` the bias-corrected second moment averaged
+    over the segment's checkpoints (chaining "segment") or over every checkpoint of the
+    run ("shared"), ``r`` the groups' learning-rate ratios; SGD with such ratios:
+    ``M = r``. Nothing to do for a run without a preconditioner.
+    """
+
+    def __init__(self, context: AttributionContext, layout: StoreLayout, batch_size: int) -> None:
+        self.context, self.layout, self.batch_size = context, layout, batch_size
+
+    def run(self, report: FeaturizeReport, bar: tqdm) -> None:
+        ctx, layout = self.context, self.layout
+        if not ctx.preconditioned:
+            return
+        from .preconditioning import scale_vector  # pure numpy
+
+        spec, record = ctx.trajectory.spec, ctx.optimizer_record
+        flags = layout.preconditioner_flags()
+        done = np.asarray(flags[:], dtype=bool)
+        if done.all():
+            return
+        lr_scales = ctx.flat(ctx.optimizer.lr_scale)
+        shared = None
+        if spec.adaptive and record.get("chaining") == "shared":
+            shared = ctx.second_moment(list(range(ctx.num_checkpoints)), self.batch_size, bar)
+        for seg in np.flatnonzero(~done):
+            seg = int(seg)
+            moment = None
+            if spec.adaptive:
+                moment = shared if shared is not None else ctx.second_moment(layout.members(seg), self.batch_size,
+                                                                             bar)
+            layout.write_preconditioner(seg, scale_vector(spec, moment, lr_scales), moment)
+
+
+class SpectrumStage:
+    """Per segment, the eigendecomposition of its mean Hessian + δ·I, computed once
+    (δ: :meth:`AttributionContext.small_space_decay`)."""
+
+    def __init__(self, context: AttributionContext, layout: StoreLayout) -> None:
+        self.context, self.layout = context, layout
 
     def run(self, report: FeaturizeReport | None, compute: bool = True) -> list[SegmentSpectrum]:
         """The spectra; with ``compute=False`` a missing one is an error (ranks other than 0 only read)."""
@@ -257,7 +311,8 @@ class SpectrumStage:
                     raise StoreError(f"the spectrum of segment {seg} is not in the store: run featurize() first")
                 members = layout.members(seg)
                 mean = sum(layout.read_hessian(c) for c in members) / len(members)
-                spectrum = eigendecompose(mean, damping=self.weight_decay)
+                decay, _ = self.context.small_space_decay(seg)
+                spectrum = eigendecompose(mean, damping=decay)
                 values, vectors = layout.spectrum(seg)
                 layout.store.write_durably(values, slice(0, layout.proj_dim), spectrum.eigenvalues)
                 layout.store.write_durably(vectors, slice(0, layout.proj_dim), spectrum.eigenvectors)
@@ -301,7 +356,7 @@ class CacheStage:
 
 
 def featurize(context: AttributionContext, layout: StoreLayout, collective: Collective, *, batch_size: int,
-              progress: bool, weight_decay: float, times: list[float], stage_inputs: dict) -> FeaturizeReport:
+              progress: bool, times: list[float], stage_inputs: dict) -> FeaturizeReport:
     """Run every stage on this rank; return once the whole store is complete (on every rank)."""
     report = FeaturizeReport(rank=collective.rank, world_size=collective.world_size)
     began = time.perf_counter()
@@ -335,11 +390,24 @@ def featurize(context: AttributionContext, layout: StoreLayout, collective: Coll
 
     shard = Shard.of(collective, layout)
     report.hessian_estimator = context.estimator.name
+    record = context.optimizer_record
+    if record.get("second_moment") == "estimated":
+        report.preconditioner = f"estimated from per-example gradients, batch size {record['batch_size']}"
+    elif record.get("second_moment"):
+        report.preconditioner = str(record["second_moment"])
+    elif context.preconditioned:
+        report.preconditioner = "group learning-rate ratios"
     gradients = GradientStage(context, layout, shard, batch_size, report)
     total = sum(len(shard.chunks[layout.segment_of(c)]) for c in range(count))
     total += count + sum(len(chunks) for chunks in shard.chunks.values())
     bar = tqdm(total=total, desc="srcproj featurize", unit="unit", disable=not progress or collective.rank != 0)
     try:
+        if context.preconditioned:
+            bar.set_description("srcproj featurize: preconditioner")
+            with report.timing("preconditioner"):
+                if collective.rank == 0:
+                    errors.attempt(PreconditionerStage(context, layout, batch_size).run, report, None)
+            errors.agree()  # rank 0 wrote every segment's preconditioner
         with context.computer.evaluating():
             for index in range(count):
                 bar.set_description(f"srcproj featurize: checkpoint {index + 1}/{count}, features and "
@@ -361,7 +429,14 @@ def featurize(context: AttributionContext, layout: StoreLayout, collective: Coll
         errors.agree()  # rank 0 wrote every Hessian
         bar.set_description("srcproj featurize: eigendecompositions")
         # Rank 0 computes the spectra; the others read them after.
-        spectra_stage = SpectrumStage(context, layout, weight_decay)
+        spectra_stage = SpectrumStage(context, layout)
+        rules = []
+        for seg in range(layout.num_segments):
+            decay, rule = errors.attempt(context.small_space_decay, seg) or (0.0, None)
+            report.weight_decays.append(decay)
+            rules.append(rule)
+        named = {rule.name for rule in rules if rule is not None and not rule.exact}
+        report.weight_decay_rule = "; ".join(sorted(named)) if named else "uniform"
         with report.timing("spectra"):
             spectra = errors.attempt(spectra_stage.run, report) if collective.rank == 0 else None
         errors.agree()

@@ -1,4 +1,4 @@
-"""The training run as SOURCE sees it: segments of SGD with their checkpoints and data."""
+"""The training run as SOURCE sees it: segments with their checkpoints and data, and the optimizer."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
+import torch
 from torch import Tensor
 
 from .errors import ConfigurationError
+from .optimizer import SGD, OptimizerSpec, describe_torch_optimizer
 
 __all__ = ["Segment", "Trajectory", "Checkpoint"]
 
@@ -24,9 +26,12 @@ class Segment:
 
     Parameters
     ----------
-    checkpoints : sequence of state_dicts or paths
-        Checkpoints saved inside the segment (the paper uses two). A path names a file
-        written by ``torch.save(model.state_dict(), path)``.
+    checkpoints : sequence of checkpoints
+        Checkpoints saved inside the segment (the paper uses two). A checkpoint is a
+        state_dict, or a dict ``{"model": model.state_dict(), "optimizer":
+        optimizer.state_dict()}`` (also ``model_state_dict``/``optimizer_state_dict``),
+        or the path of either saved with ``torch.save``. An Adam run's optimizer state
+        gives SOURCE its preconditioner.
     steps : int
         Optimizer steps the segment took.
     lr : float or sequence of float
@@ -96,20 +101,28 @@ class Segment:
 
 @dataclass
 class Trajectory:
-    """A training run cut into segments, optimised by SGD (optionally heavy-ball momentum).
+    """A training run cut into segments, with the optimizer that ran it.
 
     Parameters
     ----------
     segments : sequence of Segment
         In training order.
-    momentum : float
-        SGD's heavy-ball momentum beta (``torch.optim.SGD(momentum=...)``); the effective
-        learning rate is ``lr / (1 - beta)``.
-    weight_decay : float
-        ``torch.optim.SGD(weight_decay=...)``; enters SOURCE as ``wd * I`` in the
-        projected Hessian.
-    nesterov, dampening : as in ``torch.optim.SGD``
-        Not covered by SOURCE's derivation: a trajectory that used them is refused.
+    optimizer : torch.optim.Optimizer or SGD or Adam, optional
+        The optimizer the run used: the live ``torch.optim`` object built over the
+        model (``torch.optim.SGD``, ``Adam`` or ``AdamW``; its hyperparameters and
+        parameter groups are read from it, its learning rates only as ratios between
+        groups), or a description (:class:`~srcproj.SGD`, :class:`~srcproj.Adam`,
+        :func:`~srcproj.AdamW`). Any other optimizer is refused by name. Without it the
+        run is SGD with the ``momentum``, ``weight_decay``, ``nesterov`` and
+        ``dampening`` given here.
+    momentum, weight_decay, nesterov, dampening : as in ``torch.optim.SGD``
+        Shorthand for ``optimizer=srcproj.SGD(...)``; give them in the optimizer
+        when one is given. The segment's time is ``Σ lr · (1 - dampening) / (1 -
+        momentum)`` (``1 / (1 - momentum)`` with Nesterov).
+    batch_size : int, optional
+        The training batch size. Needed only for an Adam run whose checkpoints carry
+        no optimizer state: the second moment is then estimated from per-example
+        gradients as ``mean² + variance / batch_size``.
     """
 
     segments: Sequence[Segment]
@@ -117,6 +130,8 @@ class Trajectory:
     weight_decay: float = 0.0
     nesterov: bool = False
     dampening: float = 0.0
+    optimizer: Any = None
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         self.segments = list(self.segments)
@@ -128,20 +143,35 @@ class Trajectory:
                     f"segment {index} is a {type(segment).__name__}; build it with srcproj.Segment"
                 )
             segment._validate(index)
-        if not (0.0 <= float(self.momentum) < 1.0):
-            raise ConfigurationError(f"momentum={self.momentum!r}; it must be in [0, 1)")
-        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
-            raise ConfigurationError(f"weight_decay={self.weight_decay!r}; it must be >= 0")
-        if self.nesterov:
-            raise ConfigurationError(
-                "nesterov momentum is not covered by SOURCE's derivation (docs/math.md §1); "
-                "only plain heavy-ball SGD momentum is supported"
-            )
-        if self.dampening != 0:
-            raise ConfigurationError(
-                f"dampening={self.dampening!r} is not covered by SOURCE's derivation; "
-                "only SGD without dampening is supported"
-            )
+        if self.optimizer is None:
+            if isinstance(self.weight_decay, numbers.Real) and not math.isfinite(self.weight_decay):
+                raise ConfigurationError(f"weight_decay={self.weight_decay!r}; it must be >= 0")
+            self.spec: OptimizerSpec = SGD(momentum=self.momentum, dampening=self.dampening, nesterov=self.nesterov,
+                                           weight_decay=self.weight_decay)
+        else:
+            given = {name: value for name, value, default in (
+                ("momentum", self.momentum, 0.0), ("weight_decay", self.weight_decay, 0.0),
+                ("nesterov", self.nesterov, False), ("dampening", self.dampening, 0.0)) if value != default}
+            if given:
+                raise ConfigurationError(
+                    f"Trajectory got optimizer=... and also {sorted(given)}; the optimizer carries its own "
+                    "hyperparameters: give them there only")
+            if isinstance(self.optimizer, torch.optim.Optimizer):
+                self.spec = describe_torch_optimizer(self.optimizer)[0]
+            elif isinstance(self.optimizer, OptimizerSpec):
+                self.spec = self.optimizer
+            else:
+                raise ConfigurationError(
+                    f"optimizer is a {type(self.optimizer).__name__}; give the torch.optim optimizer the run used "
+                    "(built over the model), or srcproj.SGD(...), srcproj.Adam(...) or srcproj.AdamW(...)")
+            if isinstance(self.spec, SGD):
+                self.momentum, self.weight_decay = self.spec.momentum, self.spec.weight_decay
+                self.nesterov, self.dampening = self.spec.nesterov, self.spec.dampening
+        if self.batch_size is not None:
+            if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, numbers.Integral) \
+                    or self.batch_size <= 0:
+                raise ConfigurationError(f"batch_size={self.batch_size!r}; give the training batch size, an int > 0")
+            self.batch_size = int(self.batch_size)
 
     @property
     def checkpoint_index(self) -> list[tuple[int, int]]:
@@ -149,5 +179,6 @@ class Trajectory:
         return [(s, c) for s, seg in enumerate(self.segments) for c in range(len(seg.checkpoints))]
 
     def segment_time(self, index: int) -> float:
-        """SOURCE's time ``a = sum(lr) / (1 - momentum)`` of a segment."""
-        return self.segments[index].total_lr / (1.0 - float(self.momentum))
+        """SOURCE's time of a segment: the sum of its learning rates times the optimizer's
+        gain (``1 / (1 - momentum)`` for heavy-ball SGD, 1 for Adam)."""
+        return self.segments[index].total_lr * self.spec.gain()

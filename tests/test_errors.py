@@ -207,17 +207,19 @@ def test_per_step_lr_with_the_same_total_is_the_same_trajectory(tiny_run, store)
     np.testing.assert_array_equal(attr.score(tiny_run.queries), baseline)
 
 
-def test_nesterov_is_refused(tiny_run, store):
+def test_nesterov_without_momentum_is_refused(tiny_run, store):
     path, baseline = store
-    with pytest.raises(ConfigurationError, match=r"nesterov"):
-        tiny_run.trajectory(momentum=0.9, nesterov=True)
+    with pytest.raises(ConfigurationError, match=r"nesterov momentum needs momentum > 0 and dampening = 0"):
+        tiny_run.trajectory(momentum=0.0, nesterov=True)
+    with pytest.raises(ConfigurationError, match=r"nesterov momentum needs momentum > 0 and dampening = 0"):
+        tiny_run.trajectory(momentum=0.9, nesterov=True, dampening=0.1)
     assert_store_intact(tiny_run, path, baseline)
 
 
-def test_dampening_is_refused(tiny_run, store):
+def test_bad_dampening_is_refused(tiny_run, store):
     path, baseline = store
-    with pytest.raises(ConfigurationError, match=r"dampening=0\.1 is not covered"):
-        tiny_run.trajectory(momentum=0.9, dampening=0.1)
+    with pytest.raises(ConfigurationError, match=r"dampening=1\.5; it must be in \[0, 1\]"):
+        tiny_run.trajectory(momentum=0.9, dampening=1.5)
     assert_store_intact(tiny_run, path, baseline)
 
 
