@@ -20,10 +20,10 @@ Layout (``c`` a checkpoint in training order, ``l`` a segment)::
     caches/seg_{l}_done            (n_chunks,)
     query/ckpt_{c}                 the bytes of a query checkpoint's state (the last segment's)
     query/done                     (n_checkpoints,)
-    preconditioner/seg_{l}_scale   (p,) float32 M^{1/2} of the optimizer's preconditioner over the
+    preconditioner/seg_{l}_scale   (p,) float32 (as the caches) M^{1/2} of the optimizer's preconditioner over the
                                    attributed parameters (runs that have one: Adam, SGD groups
                                    with different learning rates)
-    preconditioner/seg_{l}_moment  (p,) float32 Adam's bias-corrected second moment v̄
+    preconditioner/seg_{l}_moment  (p,) float32 (as the caches) Adam's bias-corrected second moment v̄
     preconditioner/done            (n_segments,)
 
 Every unit of work (a row chunk, a checkpoint's Hessian, a segment's spectrum) is written
@@ -336,8 +336,8 @@ class StoreLayout:
         for name, values in ((preconditioner_scale(segment), scale), (preconditioner_moment(segment), moment)):
             if values is None:
                 continue
-            array = self.store.array(name, (p,), "float32", chunks=(min(p, 1 << 22),))
-            self.store.write_durably(array, slice(0, p), np.asarray(values, dtype=np.float32))
+            array = self.store.array(name, (p,), self.cache_dtype, chunks=(min(p, 1 << 22),))
+            self.store.write_durably(array, slice(0, p), np.asarray(values, dtype=self.cache_dtype))
         self.preconditioner_flags()[segment] = True
 
     def read_scale(self, segment: int) -> np.ndarray:

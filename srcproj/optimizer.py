@@ -354,6 +354,8 @@ class ResolvedOptimizer:
     lr_scale: dict[str, float]
     state_names: list[str | None] | None
     group_sizes: list[int] | None
+    #: Whether a live torch optimizer gave the groups (else a description did).
+    live: bool = True
 
     def describe(self) -> dict:
         return self.spec.describe()
@@ -371,6 +373,16 @@ class ResolvedOptimizer:
         if not isinstance(groups, Sequence) or not isinstance(state, Mapping):
             raise CheckpointMismatchError(f"{label}: its optimizer entry has no 'state' and 'param_groups'; save "
                                           "optimizer.state_dict()")
+        kinds = {key for entry in state.values() if isinstance(entry, Mapping) for key in entry}
+        if spec.adaptive and state and "exp_avg_sq" not in kinds:
+            raise CheckpointMismatchError(
+                f"{label}: the optimizer state holds {sorted(kinds)}, not Adam's exp_avg_sq; the trajectory "
+                "describes an Adam run: describe the optimizer the checkpoints were saved with")
+        if not spec.adaptive and kinds & set(_ADAM_STATE):
+            raise CheckpointMismatchError(
+                f"{label}: the optimizer state holds Adam's {sorted(kinds & set(_ADAM_STATE))} but the trajectory "
+                "describes an SGD run; pass the Adam/AdamW optimizer (Trajectory(optimizer=opt)): nothing is "
+                "treated as SGD silently")
         saved_sizes = [len(g.get("params", ())) for g in groups]
         names = self.state_names
         saved_names = [n for g in groups for n in g.get("param_names", ())]
@@ -379,10 +391,12 @@ class ResolvedOptimizer:
         elif names is None or self.group_sizes != saved_sizes:
             raise CheckpointMismatchError(
                 f"{label}: its optimizer state has groups of {saved_sizes} parameters, "
-                + (f"the optimizer given has {self.group_sizes}" if self.group_sizes is not None else
-                   "and no live optimizer was given to map them to parameters")
-                + "; pass the optimizer the run was trained with (Trajectory(optimizer=...)), built over the same "
-                "model in the same order")
+                + (f"the optimizer given has {self.group_sizes}" if self.live else
+                   f"and the trajectory's description cannot map them to parameters (it maps one group of "
+                   f"{sum(self.group_sizes or [0])} in the model's order)")
+                + "; pass the live optimizer the run was trained with (Trajectory(optimizer=opt)), built over the "
+                "same model in the same order, or save the state of an optimizer built with "
+                "model.named_parameters() (it records the names)")
         for key in ("amsgrad", "maximize"):
             if any(bool(g.get(key, False)) for g in groups):
                 raise CheckpointMismatchError(f"{label}: its optimizer ran with {key}=True, which SOURCE does not "
@@ -402,16 +416,6 @@ class ResolvedOptimizer:
             entry = state.get(index, state.get(str(index)))
             if entry is None:
                 continue
-            kinds = set(entry)
-            if spec.adaptive and not kinds & set(_ADAM_STATE):
-                raise CheckpointMismatchError(
-                    f"{label}: the optimizer state of {name} holds {sorted(kinds)}, not Adam's exp_avg_sq; the "
-                    "trajectory describes an Adam run: describe the optimizer the checkpoints were saved with")
-            if not spec.adaptive and kinds & set(_ADAM_STATE):
-                raise CheckpointMismatchError(
-                    f"{label}: the optimizer state holds Adam's {sorted(kinds & set(_ADAM_STATE))} but the "
-                    "trajectory describes an SGD run; pass the Adam/AdamW optimizer (Trajectory(optimizer=opt)): "
-                    "nothing is treated as SGD silently")
             if spec.adaptive:
                 value = entry.get("exp_avg_sq")
                 if not isinstance(value, Tensor) or tuple(value.shape) != tuple(shapes[name]):
@@ -480,7 +484,7 @@ def resolve_optimizer(optimizer: Any, model: nn.Module, param_names: Sequence[st
                 scales[name] = float(group.lr_scale)
     trainable = [n for n, p in named.items() if p.requires_grad]
     return ResolvedOptimizer(optimizer, decays, scales, [n if n in attributed else None for n in trainable],
-                             [len(trainable)])
+                             [len(trainable)], live=False)
 
 
 def _with_named_groups(spec: OptimizerSpec, names: Sequence[str | None], sizes: Sequence[int]) -> OptimizerSpec:

@@ -102,3 +102,35 @@ def damped_influence(model, state, names, task, data, query, damping) -> np.ndar
     grads = per_example_gradients(model, state, names, task.loss, X, y)
     psi = per_example_gradients(model, state, names, task.measurement, *query)
     return -psi @ np.linalg.solve(hessian, grads.T) / len(y)
+
+
+def preconditioned_source_scores(model, task, segments, scales, decays, selected, query) -> np.ndarray:
+    """Adam's SOURCE in full parameter space (docs/math.md §6, consecutive segments' factor
+    R taken as I): with S_ℓ = diag(scales[ℓ]) = M_ℓ^{1/2},
+
+        H̃_ℓ = mean_c S_ℓ H(θ_c) S_ℓ + δ_ℓ I,  E_ℓ = expm(-a_ℓ H̃_ℓ),  F_ℓ = (I - E_ℓ) H̃_ℓ⁻¹,
+        score = -(S_L ∇f)ᵀ Σ_ℓ E_L ⋯ E_{ℓ+1} F_ℓ mean_c(S_ℓ ∇L(θ_c)) / N_ℓ.
+
+    ``segments``: dicts with ``states``, ``time_lr`` (a_ℓ), ``X``, ``y``.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    forgets, terms = [], []
+    for seg, scale, decay in zip(segments, scales, decays, strict=True):
+        S = np.diag(scale)
+        hessian = np.mean([S @ gauss_newton(model, s, names, task, seg["X"], seg["y"]) @ S for s in seg["states"]],
+                          axis=0)
+        hessian = hessian + decay * np.eye(len(hessian))
+        forget, accumulate = segment_matrices(hessian, seg["time_lr"])
+        gbar = np.mean([per_example_gradients(model, s, names, task.loss, seg["X"], seg["y"]) * scale
+                        for s in seg["states"]], axis=0)
+        forgets.append(forget)
+        terms.append(accumulate @ gbar.T / seg["X"].shape[0])
+    final = segments[-1]["states"][-1]
+    psi = per_example_gradients(model, final, names, task.measurement, *query) * scales[-1]
+    delta = 0.0
+    for index in selected:
+        later = np.eye(forgets[0].shape[0])
+        for j in range(len(segments) - 1, index, -1):
+            later = later @ forgets[j]
+        delta = delta + later @ terms[index]
+    return -psi @ delta

@@ -285,7 +285,7 @@ def test_more_bad_inputs(setup):
     with pytest.raises(ConfigurationError, match="trajectory must be a srcproj.Trajectory"):
         SourceVariant(attr, trajectory="run")
     other_momentum = Trajectory(traj.segments, momentum=0.0, weight_decay=WD)
-    with pytest.raises(ConfigurationError, match="optimizer differs from the store.s \(momentum: 0.5 in the store, 0.0 now\)"):
+    with pytest.raises(ConfigurationError, match=r"optimizer differs from the store.s \(momentum: 0.5 in the store, 0.0 now\)"):
         SourceVariant(attr, other_momentum)
     smaller = (s["b"][0][:10], s["b"][1][:10])
     resized = Trajectory([traj.segments[0], Segment(traj.segments[1].checkpoints, 30, 0.08, smaller),

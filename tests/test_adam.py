@@ -1,0 +1,443 @@
+"""Adam and AdamW runs (docs/math.md §6): the pipeline against the full-space formula, and every refusal."""
+
+from __future__ import annotations
+
+import copy
+
+import bruteforce
+import numpy as np
+import pytest
+import torch
+from test_source_math import classification_data, orthogonal, tiny_classifier
+from torch import nn
+
+from srcproj import (
+    SGD,
+    Adam,
+    AdamW,
+    Attributor,
+    ClassificationTask,
+    KroneckerProjector,
+    MatrixProjector,
+    RademacherProjector,
+    Segment,
+    Trajectory,
+)
+from srcproj.baselines import InfluenceFunction, SourceVariant, TracIn, average_checkpoints
+from srcproj.errors import CheckpointMismatchError, ConfigurationError
+
+NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
+WEIGHTS, BIASES = ["0.weight", "2.weight"], ["0.bias", "2.bias"]
+BETAS, EPS, DECAY = (0.9, 0.99), 1e-8, 0.05
+STEPS = 8  # per segment; checkpoints after steps 4 and 8 of each
+
+
+def schedule(total: int) -> list[float]:
+    """Warm-up over 4 steps, then linear decay: one rate per step."""
+    peak = 0.02
+    return [peak * min(1.0, (t + 1) / 4) * (1.0 - 0.5 * t / total) for t in range(total)]
+
+
+def train(kind: str, lr_ratio: float = 1.0):
+    """A real run: torch's optimizer over two groups (biases exempt from decay), data A,
+    B, A, a per-step schedule; checkpoints saved as {"model", "optimizer"} dicts."""
+    model = tiny_classifier(0)
+    params = dict(model.named_parameters())
+    groups = [{"params": [params[n] for n in WEIGHTS], "weight_decay": DECAY},
+              {"params": [params[n] for n in BIASES], "weight_decay": 0.0, "lr": 0.02 * lr_ratio}]
+    if kind == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=0.02, betas=BETAS, eps=EPS)
+    elif kind == "adam":
+        optimizer = torch.optim.Adam(groups, lr=0.02, betas=BETAS, eps=EPS)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=0.02, momentum=0.5)
+    data = [classification_data(12, seed=1), classification_data(10, seed=2, shift=1.5)]
+    order = [0, 1, 0]
+    rates = schedule(3 * STEPS)
+    task = ClassificationTask()
+    checkpoints: list[list[dict]] = [[], [], []]
+    generator = torch.Generator().manual_seed(0)
+    for step, rate in enumerate(rates):
+        seg = step // STEPS
+        X, y = data[order[seg]]
+        pick = torch.randperm(len(y), generator=generator)[:4]
+        for group, ratio in zip(optimizer.param_groups, (1.0, lr_ratio), strict=True):
+            group["lr"] = rate * ratio
+        optimizer.zero_grad()
+        task.loss(model(X[pick]), y[pick]).mean().backward()
+        optimizer.step()
+        if (step + 1) % (STEPS // 2) == 0:
+            checkpoints[seg].append({"model": copy.deepcopy(model.state_dict()),
+                                     "optimizer": copy.deepcopy(optimizer.state_dict())})
+    segments = [Segment(checkpoints[s], STEPS, rates[s * STEPS:(s + 1) * STEPS], data[order[s]]) for s in range(3)]
+    return model, optimizer, segments
+
+
+def flat_moment(optimizer_state: dict) -> np.ndarray:
+    """Bias-corrected v in the model's parameter order, read by hand: state index i is the
+    i-th parameter of the groups [weights, biases]."""
+    by_name = {}
+    for index, name in enumerate(WEIGHTS + BIASES):
+        entry = optimizer_state["state"][index]
+        step = float(entry["step"])
+        by_name[name] = entry["exp_avg_sq"].reshape(-1).double().numpy() / (1 - BETAS[1] ** step)
+    return np.concatenate([by_name[n] for n in NAMES])
+
+
+def per_entry(model, values: dict) -> np.ndarray:
+    return np.concatenate([np.full(p.numel(), values[n]) for n, p in model.named_parameters()])
+
+
+def brute_segments(segments):
+    return [{"states": [c["model"] for c in s.checkpoints], "time_lr": s.total_lr, "X": s.data[0], "y": s.data[1]}
+            for s in segments]
+
+
+@pytest.fixture(scope="module")
+def adamw_run():
+    return train("adamw")
+
+
+@pytest.mark.parametrize("chaining", ["segment", "shared"])
+def test_adamw_pipeline_equals_the_full_space_formula(adamw_run, chaining, tmp_path):
+    model, optimizer, segments = adamw_run
+    p = sum(v.numel() for v in model.parameters())
+    task = ClassificationTask()
+    attr = Attributor(model, task, Trajectory(segments, optimizer=optimizer), tmp_path / "s.zarr",
+                      projector=MatrixProjector(orthogonal(p, 5)), feature_dtype="float64", chunk_size=5,
+                      hessian="exact", query="final", preconditioner=chaining)
+    report = attr.featurize(batch_size=4, progress=False)
+    assert report.preconditioner == "optimizer state"
+    moments = [[flat_moment(c["optimizer"]) for c in s.checkpoints] for s in segments]
+    if chaining == "segment":
+        means = [np.mean(m, axis=0) for m in moments]
+    else:
+        means = [np.mean([v for m in moments for v in m], axis=0)] * 3
+    scales = [np.sqrt(1.0 / (np.sqrt(v) + EPS)) for v in means]
+    decays = per_entry(model, {**dict.fromkeys(WEIGHTS, DECAY), **dict.fromkeys(BIASES, 0.0)})
+    lam = float(decays.mean())  # AdamW: the decay is λ_i in any coordinates; exempt biases make it a mean
+    assert report.weight_decay_rule == "parameter mean of the groups' λ"
+    np.testing.assert_allclose(report.weight_decays, [lam] * 3)
+    query = classification_data(5, seed=3)
+    brute = brute_segments(segments)
+    expected = bruteforce.preconditioned_source_scores(model, task, brute, scales, [lam] * 3, [0, 2], query)
+    np.testing.assert_allclose(attr.score(query), expected, rtol=1e-6, atol=1e-12)
+    expected_b = bruteforce.preconditioned_source_scores(model, task, brute, scales, [lam] * 3, [1], query)
+    np.testing.assert_allclose(attr.score(query, segments=[1]), expected_b, rtol=1e-6, atol=1e-12)
+    # Preconditioning changes the answer: the SGD formula on the same run gives other scores.
+    plain = bruteforce.preconditioned_source_scores(model, task, brute, [np.ones(p)] * 3, [lam] * 3, [0, 2], query)
+    assert not np.allclose(plain, expected, rtol=1e-2)
+    if chaining == "segment":  # the segments' preconditioners differ, so the chaining matters
+        assert not np.allclose(scales[0], scales[2], rtol=1e-3)
+
+
+def test_coupled_adam_and_group_learning_rates_equal_the_full_space_formula(tmp_path):
+    model, optimizer, segments = train("adam", lr_ratio=0.5)
+    p = sum(v.numel() for v in model.parameters())
+    task = ClassificationTask()
+    attr = Attributor(model, task, Trajectory(segments, optimizer=optimizer), tmp_path / "a.zarr",
+                      projector=MatrixProjector(orthogonal(p, 6)), feature_dtype="float64", chunk_size=7,
+                      hessian="exact", query="final")
+    report = attr.featurize(batch_size=4, progress=False)
+    ratios = per_entry(model, {**dict.fromkeys(WEIGHTS, 1.0), **dict.fromkeys(BIASES, 0.5)})
+    decays = per_entry(model, {**dict.fromkeys(WEIGHTS, DECAY), **dict.fromkeys(BIASES, 0.0)})
+    means = [np.mean([flat_moment(c["optimizer"]) for c in s.checkpoints], axis=0) for s in segments]
+    metric = [ratios / (np.sqrt(v) + EPS) for v in means]  # M = r / (√v̄ + ε)
+    # Coupled decay: λ_i M_i in preconditioned coordinates, averaged with weights v̄_i.
+    lams = [float(np.sum(v * decays * m) / np.sum(v)) for v, m in zip(means, metric, strict=True)]
+    assert report.weight_decay_rule == "second-moment-weighted mean of λ·M"
+    np.testing.assert_allclose(report.weight_decays, lams, rtol=1e-6)
+    query = classification_data(5, seed=4)
+    expected = bruteforce.preconditioned_source_scores(model, task, brute_segments(segments),
+                                                       [np.sqrt(m) for m in metric], lams, [0, 2], query)
+    np.testing.assert_allclose(attr.score(query), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_sgd_groups_with_different_rates_are_preconditioned_exactly(tmp_path):
+    model, optimizer, segments = train("sgd", lr_ratio=0.25)
+    p = sum(v.numel() for v in model.parameters())
+    task = ClassificationTask()
+    trajectory = Trajectory(segments, optimizer=optimizer)
+    assert trajectory.segment_time(0) == pytest.approx(segments[0].total_lr / 0.5)  # heavy-ball gain 1/(1-β)
+    attr = Attributor(model, task, trajectory, tmp_path / "g.zarr", projector=MatrixProjector(orthogonal(p, 7)),
+                      feature_dtype="float64", chunk_size=7, hessian="exact", query="final")
+    report = attr.featurize(batch_size=4, progress=False)
+    assert report.preconditioner == "group learning-rate ratios"
+    ratios = per_entry(model, {**dict.fromkeys(WEIGHTS, 1.0), **dict.fromkeys(BIASES, 0.25)})
+    decays = per_entry(model, {**dict.fromkeys(WEIGHTS, DECAY), **dict.fromkeys(BIASES, 0.0)})
+    lam = float((decays * ratios).mean())
+    query = classification_data(5, seed=8)
+    brute = brute_segments(segments)
+    for seg in brute:
+        seg["time_lr"] /= 0.5
+    expected = bruteforce.preconditioned_source_scores(model, task, brute, [np.sqrt(ratios)] * 3, [lam] * 3,
+                                                       [0, 2], query)
+    np.testing.assert_allclose(attr.score(query), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_the_fused_pass_and_the_features_apply_the_preconditioner_exactly(adamw_run, tmp_path):
+    """Rademacher projection (the §10 fused pass on the Linear layers): features and
+    Hessians equal P diag(s) applied to explicit gradients and Gauss-Newton matrices."""
+    model, optimizer, segments = adamw_run
+    task = ClassificationTask()
+    projector = RademacherProjector(16, seed=3)
+    attr = Attributor(model, task, Trajectory(segments, optimizer=optimizer), tmp_path / "r.zarr",
+                      projector=projector, feature_dtype="float64", chunk_size=5, hessian="exact")
+    attr.featurize(batch_size=4, progress=False)
+    p = sum(v.numel() for v in model.parameters())
+    matrix = projector.project(torch.eye(p, dtype=torch.float64)).T.numpy()  # P, (k, p)
+    scale = np.sqrt(1.0 / (np.sqrt(np.mean([flat_moment(c["optimizer"]) for c in segments[1].checkpoints],
+                                               axis=0)) + EPS))
+    state = segments[1].checkpoints[0]["model"]
+    X, y = segments[1].data
+    grads = bruteforce.per_example_gradients(model, state, NAMES, task.loss, X, y)
+    np.testing.assert_allclose(attr.checkpoint_features(2, data_segment=1), (grads * scale) @ matrix.T,
+                               rtol=1e-8, atol=1e-12)
+    gn = bruteforce.gauss_newton(model, state, NAMES, task, X, y)
+    np.testing.assert_allclose(attr.checkpoint_hessian(2), matrix @ (scale[:, None] * gn * scale) @ matrix.T,
+                               rtol=1e-8, atol=1e-12)
+
+
+def test_second_moment_estimated_without_optimizer_state(adamw_run, tmp_path):
+    model, optimizer, segments = adamw_run
+    bare = [Segment([c["model"] for c in s.checkpoints], s.steps, s.lr, s.data) for s in segments]
+    task = ClassificationTask()
+    p = sum(v.numel() for v in model.parameters())
+    with pytest.raises(ConfigurationError, match=r"carry no optimizer state.*Trajectory\(batch_size=B\)"):
+        Attributor(model, task, Trajectory(bare, optimizer=optimizer), tmp_path / "x.zarr", proj_dim=8)
+    attr = Attributor(model, task, Trajectory(bare, optimizer=optimizer, batch_size=4), tmp_path / "e.zarr",
+                      projector=MatrixProjector(orthogonal(p, 9)), feature_dtype="float64", chunk_size=5)
+    report = attr.featurize(batch_size=4, progress=False)
+    assert report.preconditioner == "estimated from per-example gradients, batch size 4"
+    X, y = segments[0].data
+    rows = [bruteforce.per_example_gradients(model, c["model"], NAMES, task.loss, X, y) for c in segments[0].checkpoints]
+    expected = np.mean([g.mean(0) ** 2 + g.var(0) / 4 for g in rows], axis=0)
+    np.testing.assert_allclose(attr.layout.read_moment(0), expected, rtol=1e-5)
+    # Coupled Adam adds λθ to every gradient before its moments.
+    coupled = Attributor(model, task, Trajectory(bare, optimizer=Adam(betas=BETAS, eps=EPS, weight_decay=0.1),
+                                                 batch_size=4),
+                         tmp_path / "c.zarr", projector=MatrixProjector(orthogonal(p, 9)), feature_dtype="float64")
+    coupled.featurize(batch_size=4, progress=False)
+    theta = [bruteforce.flat_params(c["model"], NAMES).numpy() for c in segments[0].checkpoints]
+    shifted = np.mean([(g + 0.1 * t).mean(0) ** 2 + g.var(0) / 4 for g, t in zip(rows, theta, strict=True)], axis=0)
+    np.testing.assert_allclose(coupled.layout.read_moment(0), shifted, rtol=1e-5)
+
+
+def test_a_described_adamw_equals_the_live_optimizer(adamw_run, tmp_path):
+    model, optimizer, segments = adamw_run
+    task = ClassificationTask()
+    described = AdamW(betas=BETAS, eps=EPS, weight_decay=DECAY, groups=[{"params": BIASES, "weight_decay": 0.0}])
+    live = Attributor(model, task, Trajectory(segments, optimizer=optimizer), tmp_path / "l.zarr", proj_dim=16)
+    live.featurize(progress=False)
+    # A description has no groups to map the saved state's indices: the state must name
+    # its parameters, or have one group in the model's order.
+    with pytest.raises(CheckpointMismatchError, match=r"groups of \[2, 2\] parameters, and the trajectory's description cannot map"):
+        Attributor(model, task, Trajectory(segments, optimizer=described), tmp_path / "d.zarr", proj_dim=16)
+    named = copy.deepcopy(segments)
+    for seg in named:
+        for c in seg.checkpoints:
+            for group, names in zip(c["optimizer"]["param_groups"], (WEIGHTS, BIASES), strict=True):
+                group["param_names"] = names
+    by_name = Attributor(model, task, Trajectory(named, optimizer=described), tmp_path / "n.zarr", proj_dim=16)
+    by_name.featurize(progress=False)
+    query = classification_data(4, seed=11)
+    np.testing.assert_allclose(by_name.score(query), live.score(query), rtol=1e-6)
+
+
+def test_baselines_on_an_adam_store(adamw_run, tmp_path):
+    model, optimizer, segments = adamw_run
+    task = ClassificationTask()
+    trajectory = Trajectory(segments, optimizer=optimizer)
+    attr = Attributor(model, task, trajectory, tmp_path / "b.zarr", proj_dim=16, query="final")
+    attr.featurize(progress=False)
+    query = classification_data(4, seed=12)
+    # TracIn with Adam-preconditioned gradients: -Σ_c η_c (P s_ℓ ∇f)ᵀ (P s_ℓ ∇L).
+    tracin = TracIn(attr).score(query)
+    expected = 0.0
+    for c, lr in TracIn(attr).terms:
+        expected = expected - lr * attr.query_features_at(query, c) @ attr.checkpoint_features(c).T
+    np.testing.assert_allclose(tracin, expected, rtol=1e-6)
+    influence = InfluenceFunction(attr)
+    assert influence.damping == pytest.approx(attr.context.small_space_decay(2)[0])
+    # A variant with every time scaled by 5 is SOURCE with those times.
+    scaled = Trajectory([Segment(s.checkpoints, s.steps, [5 * r for r in s.lr], s.data) for s in segments],
+                        optimizer=optimizer)
+    assert not np.allclose(SourceVariant(attr, scaled).score(query), attr.score(query), rtol=1e-3)
+    with pytest.raises(ConfigurationError, match=r"optimizer differs from the store's .*kind: 'adamw' in the store, "
+                                                 r"'sgd' now"):
+        SourceVariant(attr, Trajectory([Segment([c["model"] for c in s.checkpoints], s.steps, s.lr, s.data)
+                                        for s in segments], weight_decay=DECAY))
+    fast = average_checkpoints(trajectory)
+    fast_attr = Attributor(model, task, fast, tmp_path / "f.zarr", proj_dim=16)
+    fast_attr.featurize(progress=False)
+    assert np.isfinite(fast_attr.score(query)).all()
+
+
+# --------------------------------------------------------------------------- refusals
+def test_optimizers_not_covered_are_refused_by_name():
+    model = tiny_classifier(0)
+    for make, name in ((torch.optim.RMSprop, "RMSprop"), (torch.optim.Adagrad, "Adagrad"),
+                       (torch.optim.NAdam, "NAdam"), (torch.optim.Adamax, "Adamax")):
+        with pytest.raises(ConfigurationError, match=rf"the optimizer {name} is not covered by SOURCE"):
+            Trajectory([Segment([model.state_dict()], 1, 0.1, classification_data(4, 0))],
+                       optimizer=make(model.parameters()))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda ps: torch.optim.Adam(ps, amsgrad=True), r"amsgrad=True, which SOURCE's derivation does not cover"),
+    (lambda ps: torch.optim.AdamW(ps, maximize=True), r"maximize=True"),
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, maximize=True), r"maximize=True"),
+    (lambda ps: torch.optim.Adam([{"params": ps[:2]}, {"params": ps[2:], "betas": (0.8, 0.9)}]),
+     r"different betas"),
+    (lambda ps: torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:], "momentum": 0.5}], lr=0.1),
+     r"different momentum"),
+])
+def test_optimizer_settings_not_covered_are_refused(make, message):
+    model = tiny_classifier(0)
+    with pytest.raises(ConfigurationError, match=message):
+        Trajectory([Segment([model.state_dict()], 1, 0.1, classification_data(4, 0))],
+                   optimizer=make(list(model.parameters())))
+
+
+def test_groups_with_different_schedules_are_refused():
+    model = tiny_classifier(0)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW([{"params": params[:2], "lr": 0.1}, {"params": params[2:], "lr": 0.1}])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda t: 1.0, lambda t: 0.5 ** t])
+    optimizer.step()
+    scheduler.step()
+    with pytest.raises(ConfigurationError, match=r"different learning-rate schedules"):
+        Trajectory([Segment([model.state_dict()], 1, 0.1, classification_data(4, 0))], optimizer=optimizer)
+
+
+def test_adam_state_described_as_sgd_is_refused(adamw_run, tmp_path):
+    model, optimizer, segments = adamw_run
+    with pytest.raises(CheckpointMismatchError, match=r"holds Adam's \['exp_avg', 'exp_avg_sq'\] but the trajectory "
+                                                      r"describes an SGD run"):
+        Attributor(model, ClassificationTask(), Trajectory(segments, weight_decay=0.01), tmp_path / "s.zarr",
+                   proj_dim=8)
+    sgd_model, sgd_optimizer, sgd_segments = train("sgd")
+    with pytest.raises(CheckpointMismatchError, match=r"holds \['momentum_buffer'\], not Adam's exp_avg_sq"):
+        Attributor(sgd_model, ClassificationTask(),
+                   Trajectory(sgd_segments, optimizer=torch.optim.AdamW(sgd_model.parameters(), betas=BETAS)),
+                   tmp_path / "t.zarr", proj_dim=8)
+    assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "t.zarr").exists()
+
+
+def test_mismatched_optimizer_states_are_refused(adamw_run, tmp_path):
+    model, optimizer, segments = adamw_run
+    task = ClassificationTask()
+    mixed = copy.deepcopy(segments)
+    mixed[1].checkpoints[0] = mixed[1].checkpoints[0]["model"]
+    with pytest.raises(ConfigurationError, match=r"checkpoints \[2\] carry no optimizer state while the others do"):
+        Attributor(model, task, Trajectory(mixed, optimizer=optimizer), tmp_path / "m.zarr", proj_dim=8)
+    reshaped = copy.deepcopy(segments)
+    state = reshaped[0].checkpoints[0]["optimizer"]["state"][0]
+    state["exp_avg_sq"] = state["exp_avg_sq"].reshape(-1)[:5]
+    with pytest.raises(CheckpointMismatchError, match=r"exp_avg_sq for 0.weight has shape \(5,\), the parameter "
+                                                      r"\(4, 3\)"):
+        Attributor(model, task, Trajectory(reshaped, optimizer=optimizer), tmp_path / "r.zarr", proj_dim=8)
+    other = torch.optim.AdamW(list(model.parameters())[:3], betas=BETAS, eps=EPS)
+    with pytest.raises(ConfigurationError, match=r"parameters \['2.bias'\] are attributed but not in the optimizer"):
+        Attributor(model, task, Trajectory(segments, optimizer=other), tmp_path / "o.zarr", proj_dim=8)
+    betas = torch.optim.AdamW(model.parameters(), betas=(0.8, 0.9))
+    with pytest.raises(CheckpointMismatchError, match=r"groups of \[2, 2\] parameters, the optimizer given has \[4\]"):
+        Attributor(model, task, Trajectory(segments, optimizer=betas), tmp_path / "b.zarr", proj_dim=8)
+    wrong_betas = copy.deepcopy(segments)
+    for seg in wrong_betas:
+        for c in seg.checkpoints:
+            for group in c["optimizer"]["param_groups"]:
+                group["betas"] = (0.8, 0.9)
+    with pytest.raises(CheckpointMismatchError, match=r"used betas \(0.8, 0.9\), the trajectory describes "
+                                                      r"\(0.9, 0.99\)"):
+        Attributor(model, task, Trajectory(wrong_betas, optimizer=optimizer), tmp_path / "w.zarr", proj_dim=8)
+    bad_entry = [Segment([{"model": c["model"], "optimizer": "state"} for c in s.checkpoints], s.steps, s.lr, s.data)
+                 for s in segments]
+    with pytest.raises(CheckpointMismatchError, match=r"'optimizer' entry is a str; save optimizer.state_dict\(\)"):
+        Attributor(model, task, Trajectory(bad_entry, optimizer=optimizer), tmp_path / "e.zarr", proj_dim=8)
+    for name in "mrobwe":
+        assert not (tmp_path / f"{name}.zarr").exists()
+
+
+def test_trajectory_arguments_are_checked(adamw_run, tmp_path):
+    model, optimizer, segments = adamw_run
+    with pytest.raises(ConfigurationError, match=r"optimizer=\.\.\. and also \['momentum'\]"):
+        Trajectory(segments, optimizer=optimizer, momentum=0.9)
+    with pytest.raises(ConfigurationError, match=r"optimizer is a str; give the torch.optim optimizer"):
+        Trajectory(segments, optimizer="adamw")
+    with pytest.raises(ConfigurationError, match=r"batch_size=0; give the training batch size"):
+        Trajectory(segments, optimizer=optimizer, batch_size=0)
+    with pytest.raises(ConfigurationError, match=r"betas=\(0.9, 1.0\); both must be in \[0, 1\)"):
+        Adam(betas=(0.9, 1.0))
+    with pytest.raises(ConfigurationError, match=r"eps=0; it must be a finite number > 0"):
+        AdamW(eps=0)
+    with pytest.raises(ConfigurationError, match=r"parameters \['0.bias'\] are in two parameter groups"):
+        AdamW(groups=[{"params": ["0.bias"]}, {"params": ["0.bias", "2.bias"], "weight_decay": 0.0}])
+    with pytest.raises(ConfigurationError, match=r"give \{'params': \[names\]"):
+        AdamW(groups=[{"names": ["0.bias"]}])
+    with pytest.raises(ConfigurationError, match=r"preconditioner='both'; choose one of"):
+        Attributor(model, ClassificationTask(), Trajectory(segments, optimizer=optimizer), tmp_path / "p.zarr",
+                   proj_dim=8, preconditioner="both")
+    with pytest.raises(ConfigurationError, match=r"KroneckerProjector\) cannot apply the run's elementwise"):
+        Attributor(model, ClassificationTask(), Trajectory(segments, optimizer=optimizer), tmp_path / "k.zarr",
+                   projector=KroneckerProjector(16))
+    with pytest.raises(ConfigurationError, match=r"group names \['fc.weight'\], which are not parameters"):
+        Attributor(model, ClassificationTask(),
+                   Trajectory([Segment([c["model"] for c in s.checkpoints], s.steps, s.lr, s.data)
+                               for s in segments], optimizer=SGD(groups=[{"params": ["fc.weight"]}])),
+                   tmp_path / "g.zarr", proj_dim=8)
+    assert not any(tmp_path.iterdir())
+
+
+def test_sgd_dampening_and_nesterov_set_the_time():
+    data = classification_data(4, 0)
+    segment = Segment([tiny_classifier(0).state_dict()], 10, 0.1, data)
+    assert Trajectory([segment], momentum=0.9, dampening=0.5).segment_time(0) == pytest.approx(1.0 * 0.5 / 0.1)
+    assert Trajectory([segment], momentum=0.9, nesterov=True).segment_time(0) == pytest.approx(1.0 / 0.1)
+    assert Trajectory([segment], optimizer=AdamW()).segment_time(0) == pytest.approx(1.0)  # β₁: no gain
+    model = tiny_classifier(0)
+    torch_sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    assert Trajectory([segment], optimizer=torch_sgd).segment_time(0) == pytest.approx(5.0)
+
+
+def test_checkpoint_files_in_the_model_optimizer_form(adamw_run, tmp_path):
+    model, optimizer, segments = adamw_run
+    on_disk = []
+    for s, seg in enumerate(segments):
+        paths = []
+        for i, c in enumerate(seg.checkpoints):
+            path = tmp_path / f"ckpt{s}_{i}.pt"
+            torch.save({"model_state_dict": c["model"], "optimizer_state_dict": c["optimizer"]}, path)
+            paths.append(path)
+        on_disk.append(Segment(paths, seg.steps, seg.lr, seg.data))
+    task = ClassificationTask()
+    files = Attributor(model, task, Trajectory(on_disk, optimizer=optimizer), tmp_path / "f.zarr", proj_dim=16)
+    files.featurize(progress=False)
+    memory = Attributor(model, task, Trajectory(segments, optimizer=optimizer), tmp_path / "m.zarr", proj_dim=16)
+    memory.featurize(progress=False)
+    query = classification_data(4, seed=13)
+    np.testing.assert_array_equal(files.score(query), memory.score(query))
+    # Reopened for scoring, the store's preconditioner serves the queries.
+    reopened = Attributor.open(tmp_path / "f.zarr", model, task)
+    np.testing.assert_array_equal(reopened.score(query), memory.score(query))
+
+
+def test_another_model_instance_is_matched_by_order(adamw_run, tmp_path):
+    model, optimizer, segments = adamw_run
+    twin = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    task = ClassificationTask()
+    with pytest.raises(ConfigurationError, match=r"not built over this model's parameters"):
+        Attributor(twin, task, Trajectory(segments, optimizer=optimizer), tmp_path / "t.zarr", proj_dim=16)
+    fresh = torch.optim.AdamW(twin.parameters(), betas=BETAS, eps=EPS)  # one group in model order
+    flat = copy.deepcopy(segments)
+    for seg in flat:
+        for c in seg.checkpoints:
+            saved = c["optimizer"]
+            by_name = {name: saved["state"][i] for i, name in enumerate(WEIGHTS + BIASES)}
+            c["optimizer"] = {"state": {i: by_name[n] for i, n in enumerate(NAMES)},
+                              "param_groups": [{**saved["param_groups"][0], "params": [0, 1, 2, 3]}]}
+    attr = Attributor(twin, task, Trajectory(flat, optimizer=AdamW(betas=BETAS, eps=EPS, weight_decay=DECAY)),
+                      tmp_path / "o.zarr", proj_dim=16)
+    attr.featurize(progress=False)
+    other = Attributor(twin, task, Trajectory(flat, optimizer=fresh), tmp_path / "p.zarr", proj_dim=16)
+    assert other.context.metadata()["optimizer"] == attr.context.metadata()["optimizer"]
