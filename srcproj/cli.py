@@ -160,6 +160,7 @@ def store_summary(store: AttributionStore) -> dict:
         "chunk_size": layout.shape.chunk_size,
         "momentum": caches.get("momentum"),
         "weight_decay": inputs.get("spectra", {}).get("weight_decay"),
+        "optimizer": meta.get("optimizer") or {"kind": "sgd"},
         "segments": summary_segments,
         "completion": layout.completion(),
         # A local store always holds its zarr.json, so 0 means "not a local store".
@@ -173,6 +174,21 @@ def _describe_projector(projector: Any) -> str:
     kind = projector.get("kind", "?")
     details = ", ".join(f"{k} {v}" for k, v in projector.items() if k not in ("kind", "proj_dim"))
     return f"{kind} ({details})" if details else str(kind)
+
+
+def _describe_optimizer(summary: dict) -> str:
+    record = summary.get("optimizer") or {}
+    kind = str(record.get("kind", "sgd"))
+    if kind == "sgd":
+        text = f"SGD, momentum {summary['momentum']}, weight decay {summary['weight_decay']}"
+        return text + (", group learning-rate ratios as a preconditioner" if record.get("preconditioned") else "")
+    name = {"adam": "Adam", "adamw": "AdamW"}.get(kind, kind)
+    moment = record.get("second_moment", "?")
+    if moment == "estimated":
+        moment = f"estimated from per-example gradients, batch size {record.get('batch_size')}"
+    chaining = {"segment": "each segment's own", "shared": "one for the whole run"}.get(record.get("chaining"), "?")
+    return (f"{name}, betas {record.get('betas')}, eps {record.get('eps')}, weight decay {summary['weight_decay']}; "
+            f"preconditioner: {chaining}, from the {moment}")
 
 
 def _fraction(pair: Sequence[int]) -> str:
@@ -200,7 +216,7 @@ def _print_info(summary: dict) -> None:
         ("task", f"{task.get('class', task)}, {summary['num_outputs']} outputs"),
         ("hessian", f"{hessian} Gauss-Newton"),
         ("features", f"{summary['feature_dtype']}, chunks of {summary['chunk_size']:,} examples"),
-        ("optimizer", f"SGD, momentum {summary['momentum']}, weight decay {summary['weight_decay']}"),
+        ("optimizer", _describe_optimizer(summary)),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

@@ -373,6 +373,10 @@ def _claims(layout: names.StoreLayout) -> list[_Claim]:
                           for s in range(layout.num_segments)]))
     claims.append(_Claim(names.QUERY_DONE, layout.num_checkpoints, None,
                          [[(names.query_checkpoint(c), None, False)] for c in range(layout.num_checkpoints)]))
+    adam = (layout.store.metadata.get("optimizer") or {}).get("second_moment") is not None
+    claims.append(_Claim(names.PRECONDITIONER_DONE, layout.num_segments, None,
+                         [[(names.preconditioner_scale(s), "finite", False),
+                           (names.preconditioner_moment(s), "finite", not adam)] for s in range(layout.num_segments)]))
     return claims
 
 

@@ -441,3 +441,43 @@ def test_another_model_instance_is_matched_by_order(adamw_run, tmp_path):
     attr.featurize(progress=False)
     other = Attributor(twin, task, Trajectory(flat, optimizer=fresh), tmp_path / "p.zarr", proj_dim=16)
     assert other.context.metadata()["optimizer"] == attr.context.metadata()["optimizer"]
+
+
+def test_info_describes_an_adam_store(adamw_run, tmp_path, capsys):
+    from srcproj.cli import main
+
+    model, optimizer, segments = adamw_run
+    attr = Attributor(model, ClassificationTask(), Trajectory(segments, optimizer=optimizer), tmp_path / "i.zarr",
+                      proj_dim=8)
+    attr.featurize(progress=False)
+    assert main(["info", str(tmp_path / "i.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "AdamW, betas [0.9, 0.99], eps 1e-08, weight decay 0.05; preconditioner: each segment's own, from the " \
+           "optimizer state" in out
+    assert main(["verify", str(tmp_path / "i.zarr"), "--no-progress"]) == 0
+
+
+def test_a_damaged_preconditioner_is_found_and_recomputed(adamw_run, tmp_path):
+    from srcproj import layout as names
+    from srcproj import verify_store
+
+    model, optimizer, segments = adamw_run
+    path = tmp_path / "v.zarr"
+    trajectory = Trajectory(segments, optimizer=optimizer)
+    attr = Attributor(model, ClassificationTask(), trajectory, path, proj_dim=8)
+    attr.featurize(progress=False)
+    query = classification_data(4, seed=14)
+    before = attr.score(query)
+    chunk = path / names.preconditioner_scale(1) / "c" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    chunk.write_bytes(bytes(data))
+    report = verify_store(path, progress=False)
+    assert [(d.array, d.flag) for d in report.damage] == [(names.preconditioner_scale(1), "preconditioner/done/c/1")]
+    for d in report.damage:
+        (path / d.key).unlink()
+        (path / d.flag).unlink()
+    again = Attributor(model, ClassificationTask(), trajectory, path, proj_dim=8)
+    again.featurize(progress=False)
+    assert verify_store(path, progress=False).ok
+    np.testing.assert_array_equal(again.score(query), before)
