@@ -103,12 +103,13 @@ class Attributor(AttributionMethod):
                  hessian: str = "auto", fisher_samples: int = 1, hessian_sample: int | None = None,
                  feature_dtype: str = "float16",
                  chunk_size: int = 1024, device: str | torch.device | None = None, query: str = "last_segment",
-                 preconditioner: str = "segment", distributed: bool | None = None) -> None:
+                 preconditioner: str = "segment", adam_response: str = "linearized",
+                 distributed: bool | None = None) -> None:
         self.query = check_choice(query, "query", _QUERY_MODES)
         projector = RademacherProjector(proj_dim, seed) if projector is None else projector
         self.context = AttributionContext.from_trajectory(
             model, task, trajectory, projector, modules=modules, hessian=hessian, fisher_samples=fisher_samples,
-            hessian_sample=hessian_sample, preconditioner=preconditioner,
+            hessian_sample=hessian_sample, preconditioner=preconditioner, adam_response=adam_response,
             feature_dtype=feature_dtype, chunk_size=chunk_size, device=device)
         self.trajectory = trajectory
         self._collective = Collective(distributed)

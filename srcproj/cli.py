@@ -161,6 +161,7 @@ def store_summary(store: AttributionStore) -> dict:
         "momentum": caches.get("momentum"),
         "weight_decay": inputs.get("spectra", {}).get("weight_decay"),
         "optimizer": meta.get("optimizer") or {"kind": "sgd"},
+        "group_weight_decays": inputs.get("spectra", {}).get("group_weight_decays") or {},
         "segments": summary_segments,
         "completion": layout.completion(),
         # A local store always holds its zarr.json, so 0 means "not a local store".
@@ -179,16 +180,22 @@ def _describe_projector(projector: Any) -> str:
 def _describe_optimizer(summary: dict) -> str:
     record = summary.get("optimizer") or {}
     kind = str(record.get("kind", "sgd"))
+    decay = f"weight decay {summary['weight_decay']}"
+    others = summary.get("group_weight_decays") or {}
+    if others:
+        values = sorted({float(v) for v in others.values()})
+        decay += f" ({', '.join(f'{v:g}' for v in values)} for {len(others)} tensors)"
     if kind == "sgd":
-        text = f"SGD, momentum {summary['momentum']}, weight decay {summary['weight_decay']}"
+        text = f"SGD, momentum {summary['momentum']}, {decay}"
         return text + (", group learning-rate ratios as a preconditioner" if record.get("preconditioned") else "")
     name = {"adam": "Adam", "adamw": "AdamW"}.get(kind, kind)
     moment = record.get("second_moment", "?")
     if moment == "estimated":
         moment = f"estimated from per-example gradients, batch size {record.get('batch_size')}"
     chaining = {"segment": "each segment's own", "shared": "one for the whole run"}.get(record.get("chaining"), "?")
-    return (f"{name}, betas {record.get('betas')}, eps {record.get('eps')}, weight decay {summary['weight_decay']}; "
-            f"preconditioner: {chaining}, from the {moment}")
+    response = {"linearized": "linearized step", "fixed": "v̂ held fixed"}.get(record.get("response"), "?")
+    return (f"{name}, betas {record.get('betas')}, eps {record.get('eps')}, {decay}; "
+            f"preconditioner: {chaining}, from the {moment} ({response})")
 
 
 def _fraction(pair: Sequence[int]) -> str:

@@ -31,9 +31,10 @@ from .layout import StoreLayout
 from .optimizer import ResolvedOptimizer, resolve_optimizer
 from .preconditioning import (
     CHAININGS,
+    RESPONSES,
     DecayRule,
-    bias_corrected_second_moment,
-    estimated_second_moment,
+    bias_corrected_moments,
+    estimated_moments,
     small_space_decay,
 )
 from .projection import FastJLProjector, KroneckerProjector, Projector, RademacherProjector
@@ -120,6 +121,7 @@ class AttributionContext:
     def from_trajectory(cls, model: nn.Module, task: Task, trajectory: Trajectory, projector: Projector, *,
                         modules: Sequence[str] | None, hessian: str, fisher_samples: int, feature_dtype: str,
                         hessian_sample: int | None = None, preconditioner: str = "segment",
+                        adam_response: str = "linearized",
                         chunk_size: int, device: Any) -> AttributionContext:
         """Validate the user's inputs and read every checkpoint once (digests, shapes)."""
         if not isinstance(trajectory, Trajectory):
@@ -132,6 +134,7 @@ class AttributionContext:
         if not isinstance(projector, Projector):
             raise ConfigurationError(f"projector must be a srcproj Projector, got {type(projector).__name__}")
         check_choice(preconditioner, "preconditioner", CHAININGS)
+        check_choice(adam_response, "adam_response", RESPONSES)
         computer = GradientComputer(model, task, modules)
         index = trajectory.checkpoint_index
         resolved = resolve_optimizer(trajectory.optimizer if trajectory.optimizer is not None else trajectory.spec,
@@ -166,7 +169,7 @@ class AttributionContext:
             states.append(_state_digest(by_name) if by_name else None)
         context.optimizer = resolved
         context._read_optimizer_state = lambda c: resolved.state_by_name(read(c)[1], label(c), computer.param_shapes)
-        context.optimizer_record = _optimizer_record(resolved, trajectory, states, preconditioner)
+        context.optimizer_record = _optimizer_record(resolved, trajectory, states, preconditioner, adam_response)
         if context.optimizer_record["preconditioned"] and projector.factored:
             raise ConfigurationError(
                 "the factored projection (KroneckerProjector) cannot apply the run's elementwise preconditioner ("
@@ -354,27 +357,31 @@ class AttributionContext:
             scale = self._layout.read_scale(segment).astype(np.float64)
             moment = self._layout.read_moment(segment)
             moment = None if moment is None else moment.astype(np.float64)
-        return small_space_decay(spec, self.flat(self.optimizer.weight_decay), scale, moment)
+        return small_space_decay(spec, self.flat(self.optimizer.weight_decay), scale, moment,
+                                 self.flat(self.optimizer.lr_scale))
 
-    def second_moment(self, checkpoints: Sequence[int], batch_size: int, bar: Any = None) -> np.ndarray:
-        """Adam's ``v̄``: the bias-corrected second moment averaged over ``checkpoints``,
-        from their optimizer state, or estimated from per-example gradients
-        (``mean² + variance / B``, over each checkpoint's segment's training examples)."""
+    def moments(self, checkpoints: Sequence[int], batch_size: int, bar: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Adam's ``(v̄, mean of m̂²)`` over ``checkpoints``: the bias-corrected moments from
+        their optimizer state, or estimated from per-example gradients (``mean² +
+        variance / B`` and ``mean²``, over each checkpoint's segment's training examples)."""
         spec, record = self.trajectory.spec, self.optimizer_record
         names, shapes = self.computer.param_names, self.computer.param_shapes
         sizes = {n: int(np.prod(shapes[n], dtype=np.int64)) for n in names}
-        total = np.zeros(self.computer.num_params)
+        second = np.zeros(self.computer.num_params)
+        first = np.zeros(self.computer.num_params)
         for c in checkpoints:
             if record["second_moment"] == "optimizer state":
-                total += bias_corrected_second_moment(self.optimizer_state(c), names, sizes, spec.betas[1],
-                                                      self.label(c))
+                v, m2 = bias_corrected_moments(self.optimizer_state(c), names, sizes, spec.betas, self.label(c))
             else:
-                total += self._estimated_moment(c, batch_size, int(record["batch_size"]))
+                v, m2 = self._estimated_moments(c, batch_size, int(record["batch_size"]))
+            second += v
+            first += m2
             if bar is not None:
                 bar.update(1)
-        return total / len(checkpoints)
+        return second / len(checkpoints), first / len(checkpoints)
 
-    def _estimated_moment(self, checkpoint: int, batch_size: int, train_batch: int) -> np.ndarray:
+    def _estimated_moments(self, checkpoint: int, batch_size: int,
+                           train_batch: int) -> tuple[np.ndarray, np.ndarray]:
         source = self.source(self.segment_of(checkpoint))
         trainable, fixed = self.split(checkpoint)
         sums = torch.zeros(self.computer.num_params, dtype=torch.float64)
@@ -396,7 +403,7 @@ class AttributionContext:
         if mean_shift is not None:
             squares += 2 * mean_shift * sums / len(source) + mean_shift * mean_shift / len(source)
             sums += mean_shift
-        return estimated_second_moment(sums.numpy(), squares.numpy(), len(source), train_batch)
+        return estimated_moments(sums.numpy(), squares.numpy(), len(source), train_batch)
 
     def optimizer_state(self, checkpoint: int) -> dict[str, dict]:
         """The saved optimizer state of a checkpoint, by attributed parameter name."""
@@ -631,14 +638,12 @@ def _state_digest(state: Mapping[str, dict]) -> str:
 
 
 def _optimizer_record(resolved: ResolvedOptimizer, trajectory: Trajectory, states: list[str | None],
-                      chaining: str) -> dict:
+                      chaining: str, response: str) -> dict:
     """What of the optimizer identifies the store's features (a change is refused)."""
     spec = resolved.spec
     record: dict[str, Any] = {"kind": spec.kind, "preconditioned": bool(spec.adaptive or not resolved.uniform_lr),
                               "lr_scales": {n: v for n, v in resolved.lr_scale.items() if v != 1.0}}
-    if not spec.adaptive:
-        if any(s is not None for s in states):
-            record["note"] = "SGD state in the checkpoints is not read"
+    if not spec.adaptive:  # SGD's momentum buffers are not read
         return record
     carried = [s is not None for s in states]
     if all(carried):
@@ -656,7 +661,7 @@ def _optimizer_record(resolved: ResolvedOptimizer, trajectory: Trajectory, state
         raise ConfigurationError(
             f"checkpoints {missing[:10]} carry no optimizer state while the others do; save every checkpoint with "
             "its optimizer state (or none of them, with Trajectory(batch_size=B))")
-    record.update({"betas": list(spec.betas), "eps": float(spec.eps), "chaining": chaining,
+    record.update({"betas": list(spec.betas), "eps": float(spec.eps), "chaining": chaining, "response": response,
                    "second_moment": moment, "state_digests": states})
     if moment == "estimated":
         record["batch_size"] = int(trajectory.batch_size)

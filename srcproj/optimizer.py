@@ -265,16 +265,16 @@ def _lr_scales(groups: Sequence[Mapping]) -> list[float]:
     """Each group's rate over group 0's; groups with different schedules are refused."""
     rates = [float(g.get("lr", 0.0)) for g in groups]
     initial = _group_value(groups, "initial_lr")
-    if all(v is not None for v in initial):
+    if all(v is not None for v in initial):  # a torch LR scheduler ran: its base rates carry the ratios
         starts = [float(v) for v in initial]
-        if starts[0] > 0 and rates[0] > 0:
+        if starts[0] > 0 and any(r > 0 for r in rates):
             ratios = [r / s if s > 0 else 0.0 for r, s in zip(rates, starts, strict=True)]
             if any(not math.isclose(r, ratios[0], rel_tol=1e-6) for r in ratios):
                 raise ConfigurationError(
                     f"the optimizer's parameter groups follow different learning-rate schedules (now {rates}, "
                     f"initially {starts}); SOURCE needs one schedule for every group (groups may differ by a "
                     "constant factor)")
-            rates = starts
+        rates = starts
     if rates[0] <= 0:
         if any(r != rates[0] for r in rates):
             raise ConfigurationError(f"the optimizer's group 0 has learning rate {rates[0]}; SOURCE reads the other "
@@ -383,6 +383,8 @@ class ResolvedOptimizer:
                 f"{label}: the optimizer state holds Adam's {sorted(kinds & set(_ADAM_STATE))} but the trajectory "
                 "describes an SGD run; pass the Adam/AdamW optimizer (Trajectory(optimizer=opt)): nothing is "
                 "treated as SGD silently")
+        if not spec.adaptive:
+            return {}  # SGD's momentum buffers are not read
         saved_sizes = [len(g.get("params", ())) for g in groups]
         names = self.state_names
         saved_names = [n for g in groups for n in g.get("param_names", ())]
@@ -401,12 +403,35 @@ class ResolvedOptimizer:
             if any(bool(g.get(key, False)) for g in groups):
                 raise CheckpointMismatchError(f"{label}: its optimizer ran with {key}=True, which SOURCE does not "
                                               "cover")
-        if isinstance(spec, Adam):
-            betas = [tuple(float(b) for b in g["betas"]) for g in groups if "betas" in g]
-            if any(not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(bs, spec.betas, strict=True))
-                   for bs in betas):
-                raise CheckpointMismatchError(f"{label}: its optimizer used betas {betas[0]}, the trajectory "
-                                              f"describes {spec.betas}; describe the run as it was trained")
+        assert isinstance(spec, Adam)
+        betas = [tuple(float(b) for b in g["betas"]) for g in groups if "betas" in g]
+        if any(not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(bs, spec.betas, strict=True))
+               for bs in betas):
+            raise CheckpointMismatchError(f"{label}: its optimizer used betas {betas[0]}, the trajectory "
+                                          f"describes {spec.betas}; describe the run as it was trained")
+        eps = [float(g["eps"]) for g in groups if "eps" in g]
+        if any(not math.isclose(e, spec.eps, rel_tol=1e-9) for e in eps):
+            raise CheckpointMismatchError(f"{label}: its optimizer used eps {eps[0]:g}, the trajectory describes "
+                                          f"{spec.eps:g}; describe the run as it was trained")
+        flags = [bool(g["decoupled_weight_decay"]) for g in groups if "decoupled_weight_decay" in g]
+        if any(flag != spec.decoupled for flag in flags):
+            raise CheckpointMismatchError(
+                f"{label}: its optimizer ran with {'decoupled' if flags[0] else 'coupled'} weight decay "
+                f"({'AdamW' if flags[0] else 'Adam'}), the trajectory describes {spec.kind}; describe the run as "
+                "it was trained")
+        position = 0
+        for group in groups:
+            members = names[position:position + len(group.get("params", ()))]
+            position += len(group.get("params", ()))
+            if "weight_decay" not in group:
+                continue
+            for name in members:
+                if name is not None and not math.isclose(float(group["weight_decay"]), self.weight_decay[name],
+                                                          rel_tol=1e-9, abs_tol=1e-15):
+                    raise CheckpointMismatchError(
+                        f"{label}: its optimizer decayed {name} with weight_decay {float(group['weight_decay']):g}, "
+                        f"the trajectory describes {self.weight_decay[name]:g}; describe the run's parameter groups "
+                        "as they were trained")
         order = [int(i) for g in groups for i in g.get("params", ())]
         out: dict[str, dict] = {}
         for position, index in enumerate(order):

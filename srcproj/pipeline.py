@@ -282,14 +282,16 @@ class PreconditionerStage:
         lr_scales = ctx.flat(ctx.optimizer.lr_scale)
         shared = None
         if spec.adaptive and record.get("chaining") == "shared":
-            shared = ctx.second_moment(list(range(ctx.num_checkpoints)), self.batch_size, bar)
+            shared = ctx.moments(list(range(ctx.num_checkpoints)), self.batch_size, bar)
         for seg in np.flatnonzero(~done):
             seg = int(seg)
-            moment = None
+            moment = first = None
             if spec.adaptive:
-                moment = shared if shared is not None else ctx.second_moment(layout.members(seg), self.batch_size,
-                                                                             bar)
-            layout.write_preconditioner(seg, scale_vector(spec, moment, lr_scales), moment)
+                moment, first = shared if shared is not None else ctx.moments(layout.members(seg), self.batch_size,
+                                                                              bar)
+                if record.get("response") != "linearized":
+                    first = None
+            layout.write_preconditioner(seg, scale_vector(spec, moment, lr_scales, first), moment)
 
 
 class SpectrumStage:
