@@ -111,6 +111,25 @@ def build_tiny_run(hidden: int = 6, n: int = 100, seed: int = 0) -> TinyRun:
     return TinyRun(model, X, y, Xq, yq, checkpoints)
 
 
+def adam_trajectory(run: TinyRun) -> Trajectory:
+    """The tiny run's data trained by AdamW instead (10 steps, lr 0.01, decay 0.01),
+    checkpoints after steps 5 and 10 saved as ``{"model", "optimizer"}``; the live
+    optimizer is built over a copy of the model (matched to it by order)."""
+    model = copy.deepcopy(run.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    checkpoints = []
+    for step in range(1, 11):
+        pick = torch.randperm(len(run.y), generator=generator)[:20]
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(run.X[pick]), run.y[pick]).backward()
+        optimizer.step()
+        if step in (5, 10):
+            checkpoints.append({"model": copy.deepcopy(model.state_dict()),
+                                "optimizer": copy.deepcopy(optimizer.state_dict())})
+    return Trajectory([Segment(checkpoints, 10, 0.01, (run.X, run.y))], optimizer=optimizer)
+
+
 @pytest.fixture(scope="session")
 def tiny_run() -> TinyRun:
     """The default tiny run (hidden size 6, 100 examples). Do not modify it in place."""

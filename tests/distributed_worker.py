@@ -4,7 +4,7 @@ Every rank builds the deterministic tiny run of conftest.py (a plain function, n
 pytest fixture), then runs the steps of a JSON plan, one Attributor each::
 
     {"name": "exact", "store": "/tmp/.../exact.zarr", "hessian": "exact",
-     "seed": 0, "seed_plus_rank": false, "nan_row": null, "score": true,
+     "seed": 0, "seed_plus_rank": false, "nan_row": null, "adam": false, "score": true,
      "hang": {"rank": 0, "after_chunks": 6}}
 
 and writes ``rank{r}.json`` to the output directory: per step, the FeaturizeReport
@@ -40,7 +40,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from conftest import build_tiny_run  # tests/ is the script's directory
+from conftest import adam_trajectory, build_tiny_run  # tests/ is the script's directory
 
 from srcproj import RademacherProjector, SrcprojError
 from srcproj.distributed import init_from_torchrun
@@ -116,6 +116,8 @@ def main() -> int:
             X = run.X.clone()
             X[step["nan_row"], 0] = float("nan")
             trajectory = run.trajectory(data=(X, run.y))
+        if step.get("adam"):  # the same data trained by AdamW: the preconditioner stage runs on rank 0
+            trajectory = adam_trajectory(run)
         projector = None
         hang = step.get("hang")
         if hang is not None and hang["rank"] == rank:

@@ -401,6 +401,9 @@ def test_trajectory_arguments_are_checked(adamw_run, tmp_path):
     with pytest.raises(ConfigurationError, match=r"preconditioner='both'; choose one of"):
         Attributor(model, ClassificationTask(), Trajectory(segments, optimizer=optimizer), tmp_path / "p.zarr",
                    proj_dim=8, preconditioner="both")
+    with pytest.raises(ConfigurationError, match=r"adam_response='exact'; choose one of"):
+        Attributor(model, ClassificationTask(), Trajectory(segments, optimizer=optimizer), tmp_path / "q.zarr",
+                   proj_dim=8, adam_response="exact")
     with pytest.raises(ConfigurationError, match=r"KroneckerProjector\) cannot apply the run's elementwise"):
         Attributor(model, ClassificationTask(), Trajectory(segments, optimizer=optimizer), tmp_path / "k.zarr",
                    projector=KroneckerProjector(16))

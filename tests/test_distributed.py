@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import zarr
-from conftest import assert_scores_close
+from conftest import adam_trajectory, assert_scores_close
 
 from srcproj import ConfigurationError
 from srcproj import layout as names
@@ -179,6 +179,23 @@ def test_each_rank_featurizes_only_its_own_shard(job, name):
     assert not features[0] & features[1] and not caches[0] & caches[1]
     assert features[0] | features[1] == {(ckpt, c) for ckpt in (0, 1) for c in range(CHUNKS)}
     assert caches[0] | caches[1] == {(0, c) for c in range(CHUNKS)}
+
+
+@needs_torchrun
+@pytest.mark.slow
+def test_an_adam_run_on_two_processes_equals_one(tiny_run, tmp_path):
+    """Rank 0 writes the preconditioner before any rank projects a gradient with it."""
+    code, output, results = torchrun([{"name": "adam", "store": str(tmp_path / "adam.zarr"), "adam": True,
+                                       "score": True}], tmp_path / "job")
+    assert code == 0, output
+    assert results[0]["adam"]["report"]["preconditioner"] == "optimizer state"
+    single = tiny_run.attributor(tmp_path / "one.zarr", trajectory=adam_trajectory(tiny_run))
+    single.featurize(progress=False)
+    expected = single.score(tiny_run.queries)
+    two = zarr.open_group(tmp_path / "adam.zarr", mode="r")
+    np.testing.assert_array_equal(two[names.preconditioner_scale(0)][:], single.layout.read_scale(0))
+    for rank in (0, 1):
+        assert_scores_close(np.load(tmp_path / "job" / f"adam_scores_rank{rank}.npy"), expected)
 
 
 @needs_torchrun
