@@ -28,7 +28,7 @@ Methods (one attributed run: ``torch.optim.AdamW`` with two groups, ``LambdaLR``
 checkpoints ``{"model", "optimizer"}``, per-step rates of group 0):
 
 - ``SOURCE (AdamW default)``: ``Trajectory(segments, optimizer=AdamW over the model)``;
-- ``SOURCE shared preconditioner``: the same with ``preconditioner="shared"``;
+- ``SOURCE per-segment preconditioner``: the same with ``preconditioner="segment"``;
 - ``SOURCE without optimizer state``: model-only checkpoints,
   ``Trajectory(..., optimizer=opt, batch_size=64)`` (v estimated from gradients);
 - ``SOURCE time ×0.2`` / ``SOURCE time ×5``: every segment's rates scaled (SourceVariant
@@ -81,19 +81,18 @@ from srcproj.demo import make_mlp  # noqa: E402
 from srcproj.eval import draw_subsets, lds, retrain  # noqa: E402
 
 PROTOCOLS = asc.PROTOCOLS
-DEFAULT = "SOURCE (AdamW default)"
-ADAM_METHODS = (DEFAULT, "SOURCE shared preconditioner", "SOURCE without optimizer state",
-                "SOURCE fixed second moment", "SOURCE time ×0.2", "SOURCE time ×5", "IF", "IF (oracle damping)",
+DEFAULT = "SOURCE (AdamW default)"  # preconditioner="shared", adam_response="linearized"
+TIME_SCALES = {"SOURCE time ×0.2": 0.2, "SOURCE time ×0.5": 0.5, "SOURCE time ×2": 2.0, "SOURCE time ×5": 5.0}
+ADAM_METHODS = (DEFAULT, "SOURCE per-segment preconditioner", "SOURCE without optimizer state",
+                "SOURCE fixed second moment", *TIME_SCALES, "IF", "IF (oracle damping)",
                 "Adam TracIn", "TRAK (srcproj)")
 SGD_METHODS = ("SOURCE as SGD", "SOURCE as SGD+momentum", "IF plain gradients (oracle damping)")
 ALL_METHODS = ADAM_METHODS + SGD_METHODS
-NEEDS_DEFAULT_STORE = {DEFAULT, "SOURCE time ×0.2", "SOURCE time ×5", "IF", "IF (oracle damping)", "Adam TracIn",
-                       "TRAK (srcproj)"}
+NEEDS_DEFAULT_STORE = {DEFAULT, *TIME_SCALES, "IF", "IF (oracle damping)", "Adam TracIn", "TRAK (srcproj)"}
 #: Damping of the oracle influence functions: these multiples of the mean eigenvalue of
 #: the final checkpoint's Hessian are all scored, and the best on the evaluated split
 #: and protocol is reported (an advantage given to the baseline, not to SOURCE).
-ORACLE_DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-TIME_SCALES = {"SOURCE time ×0.2": 0.2, "SOURCE time ×5": 5.0}
+ORACLE_DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 @dataclass
@@ -198,9 +197,9 @@ def method_scores(name: str, run: asc.AttributedRun, queries, settings: Settings
     if "SOURCE fixed second moment" in methods:
         source_family("SOURCE fixed second moment", store("adamw_fixed"),
                       lambda p: adam_trajectory(run.segments(p), model), adam_response="fixed")
-    if "SOURCE shared preconditioner" in methods:
-        source_family("SOURCE shared preconditioner", store("adamw_shared"),
-                      lambda p: adam_trajectory(run.segments(p), model), preconditioner="shared")
+    if "SOURCE per-segment preconditioner" in methods:
+        source_family("SOURCE per-segment preconditioner", store("adamw_segment"),
+                      lambda p: adam_trajectory(run.segments(p), model), preconditioner="segment")
     if "SOURCE without optimizer state" in methods:
         source_family("SOURCE without optimizer state", store("adamw_model_only"),
                       lambda p: adam_trajectory(run.segments(p, model_only=True), model, batch_size=asc.BATCH))

@@ -103,7 +103,7 @@ class Attributor(AttributionMethod):
                  hessian: str = "auto", fisher_samples: int = 1, hessian_sample: int | None = None,
                  feature_dtype: str = "float16",
                  chunk_size: int = 1024, device: str | torch.device | None = None, query: str = "last_segment",
-                 preconditioner: str = "segment", adam_response: str = "linearized",
+                 preconditioner: str = "shared", adam_response: str = "linearized",
                  distributed: bool | None = None) -> None:
         self.query = check_choice(query, "query", _QUERY_MODES)
         projector = RademacherProjector(proj_dim, seed) if projector is None else projector

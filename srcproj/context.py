@@ -120,7 +120,7 @@ class AttributionContext:
     @classmethod
     def from_trajectory(cls, model: nn.Module, task: Task, trajectory: Trajectory, projector: Projector, *,
                         modules: Sequence[str] | None, hessian: str, fisher_samples: int, feature_dtype: str,
-                        hessian_sample: int | None = None, preconditioner: str = "segment",
+                        hessian_sample: int | None = None, preconditioner: str = "shared",
                         adam_response: str = "linearized",
                         chunk_size: int, device: Any) -> AttributionContext:
         """Validate the user's inputs and read every checkpoint once (digests, shapes)."""

@@ -25,10 +25,12 @@ from .optimizer import Adam, ResolvedOptimizer
 __all__ = ["CHAININGS", "RESPONSES", "DecayRule", "bias_corrected_moments", "estimated_moments", "scale_vector",
            "small_space_decay", "lr_scale_vector"]
 
-#: How a run's segments share preconditioners: "segment" holds each segment's own M
-#: (the factor between consecutive segments, M_{ℓ+1}^{-1/2} M_ℓ^{1/2}, taken as I);
-#: "shared" uses one M, from every checkpoint, for the whole run.
-CHAININGS = ("segment", "shared")
+#: How a run's segments share preconditioners: "shared" (the default) uses one M, from
+#: every checkpoint, for the whole run, so the factor between consecutive segments,
+#: M_{ℓ+1}^{-1/2} M_ℓ^{1/2}, is exactly I; "segment" holds each segment's own M and
+#: takes that factor as I. "shared" scored higher LDS on the tuning scenario
+#: (docs/benchmarks.md, "AdamW runs").
+CHAININGS = ("shared", "segment")
 
 
 @dataclass(frozen=True)

@@ -85,10 +85,15 @@ def source_displacement(model, task, segments, weight_decay, momentum, selected)
         gbar = np.mean([per_example_gradients(model, s, names, task.loss, seg["X"], seg["y"]) for s in seg["states"]], axis=0)
         forgets.append(forget)
         terms.append(accumulate @ gbar.T / seg["X"].shape[0])  # (p, N)
+    return chained(forgets, terms, selected)
+
+
+def chained(forgets: list[np.ndarray], terms: list[np.ndarray], selected) -> np.ndarray:
+    """Σ_{ℓ ∈ selected} S_L ⋯ S_{ℓ+1} terms[ℓ]: each segment's term carried through the later ones."""
     delta = 0.0
     for index in selected:
         later = np.eye(forgets[0].shape[0])
-        for j in range(len(segments) - 1, index, -1):
+        for j in range(len(forgets) - 1, index, -1):
             later = later @ forgets[j]
         delta = delta + later @ terms[index]
     return delta
@@ -127,10 +132,4 @@ def preconditioned_source_scores(model, task, segments, scales, decays, selected
         terms.append(accumulate @ gbar.T / seg["X"].shape[0])
     final = segments[-1]["states"][-1]
     psi = per_example_gradients(model, final, names, task.measurement, *query) * scales[-1]
-    delta = 0.0
-    for index in selected:
-        later = np.eye(forgets[0].shape[0])
-        for j in range(len(segments) - 1, index, -1):
-            later = later @ forgets[j]
-        delta = delta + later @ terms[index]
-    return -psi @ delta
+    return -psi @ chained(forgets, terms, selected)

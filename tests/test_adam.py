@@ -154,7 +154,7 @@ def test_coupled_adam_and_group_learning_rates_equal_the_full_space_formula(tmp_
     task = ClassificationTask()
     attr = Attributor(model, task, Trajectory(segments, optimizer=optimizer), tmp_path / "a.zarr",
                       projector=MatrixProjector(orthogonal(p, 6)), feature_dtype="float64", chunk_size=7,
-                      hessian="exact", query="final", adam_response="fixed")
+                      hessian="exact", query="final", adam_response="fixed", preconditioner="segment")
     report = attr.featurize(batch_size=4, progress=False)
     ratios = per_entry(model, {**dict.fromkeys(WEIGHTS, 1.0), **dict.fromkeys(BIASES, 0.5)})
     decays = per_entry(model, {**dict.fromkeys(WEIGHTS, DECAY), **dict.fromkeys(BIASES, 0.0)})
@@ -200,7 +200,7 @@ def test_the_fused_pass_and_the_features_apply_the_preconditioner_exactly(adamw_
     projector = RademacherProjector(16, seed=3)
     attr = Attributor(model, task, Trajectory(segments, optimizer=optimizer), tmp_path / "r.zarr",
                       projector=projector, feature_dtype="float64", chunk_size=5, hessian="exact",
-                      adam_response="fixed")
+                      adam_response="fixed", preconditioner="segment")
     attr.featurize(batch_size=4, progress=False)
     p = sum(v.numel() for v in model.parameters())
     matrix = projector.project(torch.eye(p, dtype=torch.float64)).T.numpy()  # P, (k, p)
@@ -224,7 +224,8 @@ def test_second_moment_estimated_without_optimizer_state(adamw_run, tmp_path):
     with pytest.raises(ConfigurationError, match=r"carry no optimizer state.*Trajectory\(batch_size=B\)"):
         Attributor(model, task, Trajectory(bare, optimizer=optimizer), tmp_path / "x.zarr", proj_dim=8)
     attr = Attributor(model, task, Trajectory(bare, optimizer=optimizer, batch_size=4), tmp_path / "e.zarr",
-                      projector=MatrixProjector(orthogonal(p, 9)), feature_dtype="float64", chunk_size=5)
+                      projector=MatrixProjector(orthogonal(p, 9)), feature_dtype="float64", chunk_size=5,
+                      preconditioner="segment")
     report = attr.featurize(batch_size=4, progress=False)
     assert report.preconditioner == "estimated from per-example gradients, batch size 4"
     X, y = segments[0].data
@@ -239,7 +240,8 @@ def test_second_moment_estimated_without_optimizer_state(adamw_run, tmp_path):
     # Coupled Adam adds λθ to every gradient before its moments.
     coupled = Attributor(model, task, Trajectory(bare, optimizer=Adam(betas=BETAS, eps=EPS, weight_decay=0.1),
                                                  batch_size=4),
-                         tmp_path / "c.zarr", projector=MatrixProjector(orthogonal(p, 9)), feature_dtype="float64")
+                         tmp_path / "c.zarr", projector=MatrixProjector(orthogonal(p, 9)), feature_dtype="float64",
+                         preconditioner="segment")
     coupled.featurize(batch_size=4, progress=False)
     theta = [bruteforce.flat_params(c["model"], NAMES).numpy() for c in segments[0].checkpoints]
     shifted = np.mean([(g + 0.1 * t).mean(0) ** 2 + g.var(0) / 4 for g, t in zip(rows, theta, strict=True)], axis=0)
@@ -478,8 +480,8 @@ def test_info_describes_an_adam_store(adamw_run, tmp_path, capsys):
     attr.featurize(progress=False)
     assert main(["info", str(tmp_path / "i.zarr")]) == 0
     out = capsys.readouterr().out
-    assert "AdamW, betas [0.9, 0.99], eps 1e-08, weight decay 0.05 (0 for 2 tensors); preconditioner: each " \
-           "segment's own, from the optimizer state (linearized step)" in out
+    assert "AdamW, betas [0.9, 0.99], eps 1e-08, weight decay 0.05 (0 for 2 tensors); preconditioner: one " \
+           "for the whole run, from the optimizer state (linearized step)" in out
     assert main(["verify", str(tmp_path / "i.zarr"), "--no-progress"]) == 0
 
 
