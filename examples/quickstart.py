@@ -1,46 +1,59 @@
 """Quick start: which training digits helped or hurt a model's test predictions?
 
-Trains a small MLP on scikit-learn's bundled digits (nothing is downloaded) with plain
-SGD, describes the run to srcproj as two segments of two checkpoints each, computes
-SOURCE features in a store, and prints the most helpful and harmful training examples
-of a few test digits. About 10 s on two CPU cores.
+Trains a small MLP on scikit-learn's bundled digits (nothing is downloaded) with a
+plain ``torch.optim.SGD`` loop that a ``TrajectoryRecorder`` records as it runs (two
+segments of two checkpoints each, every step's learning rate, the data's fingerprint),
+loads the recorded trajectory, computes SOURCE features in a store, and prints the most
+helpful and harmful training examples of a few test digits. About 10 s on two CPU cores.
 
-    python examples/quickstart.py [--store PATH] [--proj-dim K]
+    python examples/quickstart.py [--store PATH] [--run DIR] [--proj-dim K]
 
-Without ``--store`` the store lives in a temporary directory; give a path to keep it:
-rerunning on the same store then resumes instead of recomputing.
+Without ``--store`` the store and the recorded run live in a temporary directory; give a
+path to keep them (the run defaults to ``quickstart-run`` beside the store): rerunning on
+the same store then resumes instead of recomputing.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from srcproj import Attributor, ClassificationTask, Segment, Trajectory
-from srcproj.demo import load_digits_split, make_mlp, train_sgd
+from srcproj import Attributor, ClassificationTask, Trajectory, TrajectoryRecorder
+from srcproj.demo import load_digits_split, make_mlp
 
 
-def main(store: str, proj_dim: int) -> None:
+def main(store: str, run: str, proj_dim: int) -> None:
     X_train, y_train, X_test, y_test = load_digits_split(seed=0)
     model = make_mlp(hidden=64, seed=0)
-
-    # 1. Train, saving state_dicts inside each segment. train_sgd is a plain
-    #    torch.optim.SGD loop; any loop works as long as the run is described to srcproj
-    #    with the same learning rate, momentum and weight decay.
-    lr, momentum, weight_decay = 0.02, 0.9, 1e-3
-    states = train_sgd(model, X_train, y_train, steps=200, lr=lr, momentum=momentum,
-                       weight_decay=weight_decay, seed=0, checkpoint_at=[50, 100, 150, 200])
-
-    # 2. Describe the run: two segments of 100 steps with two checkpoints each. Both
-    #    trained on the same examples, so each example's terms add up.
     train = (X_train, y_train)
-    trajectory = Trajectory(
-        [Segment(states[:2], steps=100, lr=lr, data=train),
-         Segment(states[2:], steps=100, lr=lr, data=train)],
-        momentum=momentum, weight_decay=weight_decay,
-    )
+
+    # 1. Train with a plain SGD loop, recorded as it runs: 200 steps on one data set, cut
+    #    into two segments with two checkpoints each (after steps 50, 100, 150 and 200).
+    #    rec.step() after optimizer.step() is all the loop needs.
+    lr, momentum, weight_decay, batch = 0.02, 0.9, 1e-3, 64
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    recorder = TrajectoryRecorder(model, optimizer, run, batch_size=batch, overwrite=True)
+    recorder.stage("train", train, steps=200, segments=2)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(200):
+        index = torch.randperm(len(y_train), generator=generator)[:batch]  # a fresh uniform draw per step
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(X_train[index]), y_train[index]).backward()
+        optimizer.step()
+        recorder.step()
+    recorder.close()
+
+    # 2. Load the run from its manifest: segments, checkpoints, per-step rates and the
+    #    optimizer come from the recording; the data is given by its recorded name and
+    #    checked against the recorded fingerprint.
+    trajectory = Trajectory.from_manifest(run, data={"train": train})
+    print(f"recorded {len(trajectory.segments)} segments of {trajectory.segments[0].steps} steps in {run}")
 
     # 3. Featurize once into a resumable store, then score any queries against it.
     attr = Attributor(model, ClassificationTask(), trajectory, store=store, proj_dim=proj_dim)
@@ -70,10 +83,12 @@ def main(store: str, proj_dim: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", help="store directory (default: a temporary one)")
+    parser.add_argument("--run", help="where the run is recorded (default: quickstart-run beside the store)")
     parser.add_argument("--proj-dim", type=int, default=128, help="projected dimension k (default: 128)")
     args = parser.parse_args()
     if args.store:
-        main(args.store, args.proj_dim)
+        main(args.store, args.run or os.path.join(os.path.dirname(os.path.abspath(args.store)), "quickstart-run"),
+             args.proj_dim)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            main(f"{tmp}/quickstart.zarr", args.proj_dim)
+            main(f"{tmp}/quickstart.zarr", args.run or f"{tmp}/quickstart-run", args.proj_dim)

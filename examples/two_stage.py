@@ -6,21 +6,25 @@ different data sets, so their training examples are different rows and are score
 one stage at a time. Queries come from the second domain (rotated test digits) and
 are attributed to the FIRST stage's examples with ``attr.score(queries, segments=[0])``:
 SOURCE carries stage-1 gradients through stage 2's forgetting factor exp(-a H).
-About 10 s on two CPU cores.
+A ``TrajectoryRecorder`` records both stages as they train (one segment each, two
+checkpoints per segment) and the trajectory is loaded from its manifest, each stage's
+data given by name. About 10 s on two CPU cores.
 
-    python examples/two_stage.py [--store PATH] [--proj-dim K] [--steps STEPS]
+    python examples/two_stage.py [--store PATH] [--run DIR] [--proj-dim K] [--steps STEPS]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from srcproj import Attributor, ClassificationTask, Segment, Trajectory
-from srcproj.demo import load_digits_split, make_mlp, train_sgd
+from srcproj import Attributor, ClassificationTask, Trajectory, TrajectoryRecorder
+from srcproj.demo import load_digits_split, make_mlp
 
 
 def rotate(X: torch.Tensor) -> torch.Tensor:
@@ -39,7 +43,21 @@ def same_label_share(scores: np.ndarray, train_labels: np.ndarray, query_labels:
     return float((train_labels[best] == query_labels[:, None]).mean())
 
 
-def main(store: str, proj_dim: int, steps: int) -> None:
+def train_stage(model: torch.nn.Module, optimizer: torch.optim.Optimizer, recorder: TrajectoryRecorder,
+                data: tuple[torch.Tensor, torch.Tensor], steps: int, seed: int, batch: int = 64) -> None:
+    """A plain SGD loop: a fresh uniform draw of ``batch`` examples per step, recorded."""
+    X, y = data
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        index = torch.randperm(len(y), generator=generator)[:batch]
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(X[index]), y[index]).backward()
+        optimizer.step()
+        recorder.step()
+
+
+def main(store: str, run: str, proj_dim: int, steps: int) -> None:
     X_train, y_train, X_test, y_test = load_digits_split(seed=0)
     half = len(X_train) // 2
     # Two different data sets: segments share examples only when their data hold the same ones.
@@ -48,23 +66,29 @@ def main(store: str, proj_dim: int, steps: int) -> None:
     lr, momentum, weight_decay = 0.02, 0.9, 1e-3
 
     model = make_mlp(hidden=64, seed=0)
-    marks = [steps // 2, steps]
-    # A new optimizer per stage, as stage-wise training usually does; the momentum
-    # buffer restarting is a transient SOURCE's segment model does not describe.
-    states1 = train_sgd(model, *stage1, steps=steps, lr=lr, momentum=momentum,
-                        weight_decay=weight_decay, seed=1, checkpoint_at=marks)
+
+    def sgd() -> torch.optim.SGD:
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    # Each stage is one segment with two checkpoints (half-way and at its end). A new
+    # optimizer per stage, as stage-wise training usually does: the recorder follows it
+    # (same settings, so one trajectory); the momentum buffer restarting is a transient
+    # SOURCE's segment model does not describe.
+    optimizer = sgd()
+    recorder = TrajectoryRecorder(model, optimizer, run, batch_size=64, overwrite=True)
+    recorder.stage("upright", stage1, steps=steps)
+    train_stage(model, optimizer, recorder, stage1, steps, seed=1)
     before = accuracy(model, X_test, y_test)
-    states2 = train_sgd(model, *stage2, steps=steps, lr=lr, momentum=momentum,
-                        weight_decay=weight_decay, seed=2, checkpoint_at=marks)
+    optimizer = sgd()
+    recorder.stage("rotated", stage2, steps=steps, optimizer=optimizer)
+    train_stage(model, optimizer, recorder, stage2, steps, seed=2)
+    recorder.close()
     print(f"stage 1: {len(stage1[0])} upright digits, {steps} steps -> upright test accuracy {before:.1%}")
     print(f"stage 2: {len(stage2[0])} rotated digits, {steps} steps -> rotated test accuracy "
           f"{accuracy(model, rotate(X_test), y_test):.1%}, upright {accuracy(model, X_test, y_test):.1%}")
 
-    trajectory = Trajectory(
-        [Segment(states1, steps=steps, lr=lr, data=stage1),
-         Segment(states2, steps=steps, lr=lr, data=stage2)],
-        momentum=momentum, weight_decay=weight_decay,
-    )
+    # The recorded run: segment 0 trained on "upright", segment 1 on "rotated".
+    trajectory = Trajectory.from_manifest(run, data={"upright": stage1, "rotated": stage2})
     attr = Attributor(model, ClassificationTask(), trajectory, store=store, proj_dim=proj_dim)
     attr.featurize(progress=False)
 
@@ -92,11 +116,13 @@ def main(store: str, proj_dim: int, steps: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", help="store directory (default: a temporary one)")
+    parser.add_argument("--run", help="where the run is recorded (default: two-stage-run beside the store)")
     parser.add_argument("--proj-dim", type=int, default=128, help="projected dimension k (default: 128)")
     parser.add_argument("--steps", type=int, default=200, help="SGD steps per stage (default: 200)")
     args = parser.parse_args()
     if args.store:
-        main(args.store, args.proj_dim, args.steps)
+        main(args.store, args.run or os.path.join(os.path.dirname(os.path.abspath(args.store)), "two-stage-run"),
+             args.proj_dim, args.steps)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            main(f"{tmp}/two_stage.zarr", args.proj_dim, args.steps)
+            main(f"{tmp}/two_stage.zarr", args.run or f"{tmp}/two-stage-run", args.proj_dim, args.steps)

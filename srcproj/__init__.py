@@ -15,6 +15,7 @@ from .errors import (
 from .method import AttributionMethod
 from .optimizer import SGD, Adam, AdamW
 from .projection import FastJLProjector, KroneckerProjector, MatrixProjector, Projector, RademacherProjector
+from .recorder import TrajectoryRecorder, load_trajectory
 from .scoring import TopK
 from .tasks import ClassificationTask, RegressionTask, Task
 from .trajectory import Segment, Trajectory
@@ -26,6 +27,8 @@ __all__ = [
     "FeaturizeReport",
     "Segment",
     "Trajectory",
+    "TrajectoryRecorder",
+    "load_trajectory",
     "SGD",
     "Adam",
     "AdamW",

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .errors import CheckpointMismatchError, ConfigurationError
 
 __all__ = ["SGD", "Adam", "AdamW", "OptimizerSpec", "ParamGroup", "describe_torch_optimizer", "ResolvedOptimizer",
-           "resolve_optimizer", "split_checkpoint", "CHECKPOINT_KEYS"]
+           "resolve_optimizer", "split_checkpoint", "unwrap_optimizer", "with_named_groups", "CHECKPOINT_KEYS"]
 
 #: The key pairs of a checkpoint saved as ``{"model": ..., "optimizer": ...}``.
 CHECKPOINT_KEYS = (("model", "optimizer"), ("model_state_dict", "optimizer_state_dict"))
@@ -292,6 +292,8 @@ def describe_torch_optimizer(optimizer: torch.optim.Optimizer) -> tuple[Optimize
     The groups' settings are returned with empty ``params``: names are given by
     :func:`resolve_optimizer`, which knows the model.
     """
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = unwrap_optimizer(optimizer)
     name = type(optimizer).__name__
     groups = optimizer.param_groups
     if not groups:
@@ -321,6 +323,24 @@ def describe_torch_optimizer(optimizer: torch.optim.Optimizer) -> tuple[Optimize
         return spec, tensors
     why = _NOT_COVERED.get(name, "only SGD, Adam and AdamW are")
     raise _refuse_optimizer(name, why)
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer inside wrappers that keep it as ``.optimizer``
+    (accelerate's ``AcceleratedOptimizer``, which a Hugging Face Trainer holds)."""
+    inner = optimizer
+    for _ in range(8):
+        if isinstance(inner, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
+            return inner
+        wrapped = getattr(inner, "optimizer", None)
+        if not isinstance(wrapped, torch.optim.Optimizer) or wrapped is inner:
+            break
+        inner = wrapped
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise ConfigurationError(f"optimizer is a {type(optimizer).__name__}; give the torch.optim optimizer the "
+                                 "training loop steps")
+    return inner
+
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -459,6 +479,7 @@ def resolve_optimizer(optimizer: Any, model: nn.Module, param_names: Sequence[st
     named = dict(model.named_parameters())
     attributed = set(param_names)
     if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = unwrap_optimizer(optimizer)
         spec, tensors = describe_torch_optimizer(optimizer)
         by_id = {id(p): n for n, p in named.items()}
         flat = [p for group in tensors for p in group]
@@ -490,7 +511,7 @@ def resolve_optimizer(optimizer: Any, model: nn.Module, param_names: Sequence[st
             raise ConfigurationError(
                 f"parameters {missing[:5]} are attributed but not in the optimizer, so they were not trained; "
                 "attribute only trained parameters (Attributor(modules=...)) or give the optimizer that trained them")
-        spec = _with_named_groups(spec, names, sizes)
+        spec = with_named_groups(spec, names, sizes)
         return ResolvedOptimizer(spec, decays, scales, [n if n in attributed else None for n in names], sizes)
     if not isinstance(optimizer, OptimizerSpec):
         raise ConfigurationError(
@@ -512,7 +533,7 @@ def resolve_optimizer(optimizer: Any, model: nn.Module, param_names: Sequence[st
                              [len(trainable)], live=False)
 
 
-def _with_named_groups(spec: OptimizerSpec, names: Sequence[str | None], sizes: Sequence[int]) -> OptimizerSpec:
+def with_named_groups(spec: OptimizerSpec, names: Sequence[str | None], sizes: Sequence[int]) -> OptimizerSpec:
     """The description with each group's parameter names filled in (for the store's record)."""
     groups, position = [], 0
     for group, size in zip(spec.groups, sizes, strict=True):

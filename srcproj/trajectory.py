@@ -173,6 +173,23 @@ class Trajectory:
                 raise ConfigurationError(f"batch_size={self.batch_size!r}; give the training batch size, an int > 0")
             self.batch_size = int(self.batch_size)
 
+    @classmethod
+    def from_manifest(cls, path: str | os.PathLike[str], data: Mapping[str, Any], optimizer: Any = None, *,
+                      verify: bool = True) -> Trajectory:
+        """The trajectory a :class:`~srcproj.TrajectoryRecorder` (or the Hugging Face
+        ``SrcprojCallback``) recorded: its completed segments, with their checkpoint files,
+        steps and per-step learning rates, the optimizer's description and the batch size.
+
+        ``path`` is the ``manifest.json`` or its directory; ``data`` maps every recorded
+        stage name with a completed segment to its data set, checked against the recorded
+        number of examples and fingerprint; ``optimizer`` replaces the recorded
+        description by the live optimizer; ``verify`` checks each checkpoint file's
+        SHA-256. Same as :func:`srcproj.load_trajectory`.
+        """
+        from .recorder import load_trajectory
+
+        return load_trajectory(path, data, optimizer, verify=verify)
+
     @property
     def checkpoint_index(self) -> list[tuple[int, int]]:
         """``(segment, position in segment)`` for every checkpoint, in training order."""

@@ -565,3 +565,24 @@ def test_sgd_state_of_several_groups_is_not_read(tmp_path):
     attr = Attributor(model, task, described, tmp_path / "s.zarr", proj_dim=8)
     assert attr.featurize(progress=False).preconditioner == "none"
     assert attr.context.optimizer_record == {"kind": "sgd", "preconditioned": False, "lr_scales": {}}
+
+
+def test_a_wrapped_optimizer_is_read_through_its_wrapper(adamw_run, tmp_path):
+    """accelerate's AcceleratedOptimizer (what a Hugging Face Trainer holds) keeps the
+    torch optimizer as ``.optimizer``: it is unwrapped, not refused."""
+    model, optimizer, segments = adamw_run
+
+    class Wrapped(torch.optim.Optimizer):
+        def __init__(self, inner):  # no super().__init__: a thin wrapper, as accelerate's
+            self.optimizer = inner
+
+        @property
+        def param_groups(self):
+            return self.optimizer.param_groups
+
+    task = ClassificationTask()
+    wrapped = Attributor(model, task, Trajectory(segments, optimizer=Wrapped(optimizer)), tmp_path / "w.zarr",
+                         proj_dim=8)
+    plain = Attributor(model, task, Trajectory(segments, optimizer=optimizer), tmp_path / "p.zarr", proj_dim=8)
+    assert wrapped.context.metadata()["optimizer"] == plain.context.metadata()["optimizer"]
+    assert wrapped.trajectory.spec == plain.trajectory.spec
