@@ -320,6 +320,8 @@ class AttributionContext:
 
     def scale_of(self, segment: int) -> torch.Tensor:
         """``M^{1/2}`` of ``segment`` on the device, flat over the attributed parameters."""
+        if self.optimizer_record.get("chaining") == "shared":
+            segment = 0  # one preconditioner for the run: every segment's copy is the same, keep one
         found = self._scales.get(segment)
         if found is None:
             layout = self._layout

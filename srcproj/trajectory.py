@@ -164,8 +164,10 @@ class Trajectory:
                 raise ConfigurationError(
                     f"optimizer is a {type(self.optimizer).__name__}; give the torch.optim optimizer the run used "
                     "(built over the model), or srcproj.SGD(...), srcproj.Adam(...) or srcproj.AdamW(...)")
+            # The fields mirror the optimizer's settings (Adam's weight decay too; its momentum stays 0).
+            self.weight_decay = self.spec.weight_decay
             if isinstance(self.spec, SGD):
-                self.momentum, self.weight_decay = self.spec.momentum, self.spec.weight_decay
+                self.momentum = self.spec.momentum
                 self.nesterov, self.dampening = self.spec.nesterov, self.spec.dampening
         if self.batch_size is not None:
             if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, numbers.Integral) \
