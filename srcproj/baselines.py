@@ -387,21 +387,30 @@ def _load_state(checkpoint: Any) -> tuple[Mapping[str, torch.Tensor], Mapping | 
     raise ConfigurationError(f"a checkpoint must be a state_dict or a path, got {type(checkpoint).__name__}")
 
 
-def _mean_optimizer_state(states: Sequence[Mapping], beta2: float) -> dict:
-    """One Adam state whose second moment is the mean of the checkpoints' bias-corrected
-    ones (its ``step`` makes the bias correction 1): the preconditioner SOURCE takes for
-    the segment."""
+def _mean_optimizer_state(states: Sequence[Mapping], betas: tuple[float, float], segment: int) -> dict:
+    """One Adam state whose moments are the means of the checkpoints' bias-corrected ones,
+    ``mean v̂`` and ``mean m̂²`` (as ``exp_avg = √mean m̂²``), with a ``step`` that makes the
+    bias corrections 1: the preconditioner SOURCE takes for the segment, whichever
+    ``adam_response``."""
+    beta1, beta2 = betas
     last = states[-1]
     mean_state = {}
     for index, entry in last["state"].items():
         entry = dict(entry)
         if "exp_avg_sq" in entry:
-            corrected = []
-            for state in states:
-                other = state["state"][index]
+            second, first = [], []
+            for position, state in enumerate(states):
+                other = state["state"].get(index)
+                if other is None or "exp_avg_sq" not in other:
+                    raise ConfigurationError(f"segment {segment}: checkpoint {position} has no Adam state for the "
+                                             f"parameter at index {index}; its checkpoints cannot be averaged")
                 step = float(torch.as_tensor(other["step"]).item())
-                corrected.append(other["exp_avg_sq"].to(torch.float64) / (1.0 - beta2 ** step))
-            entry["exp_avg_sq"] = (sum(corrected) / len(corrected)).to(entry["exp_avg_sq"].dtype)
+                second.append(other["exp_avg_sq"].to(torch.float64) / (1.0 - beta2 ** step))
+                m = other.get("exp_avg")
+                m = torch.zeros_like(second[-1]) if m is None else m.to(torch.float64) / (1.0 - beta1 ** step)
+                first.append(m * m)
+            entry["exp_avg_sq"] = (sum(second) / len(second)).to(entry["exp_avg_sq"].dtype)
+            entry["exp_avg"] = (sum(first) / len(first)).sqrt().to(entry["exp_avg_sq"].dtype)
             entry["step"] = torch.tensor(1e12)
         mean_state[index] = entry
     return {"state": mean_state, "param_groups": last["param_groups"]}
@@ -413,12 +422,15 @@ def average_checkpoints(trajectory: Trajectory) -> Trajectory:
     Floating-point tensors are averaged; others (e.g. BatchNorm's step counter) are
     taken from the segment's last checkpoint. Featurize the result with a new
     :class:`Attributor` and store: one checkpoint per segment costs a segment's
-    gradients and Hessian once instead of once per checkpoint.
+    gradients and Hessian once instead of once per checkpoint. Adam checkpoints
+    (``{"model", "optimizer"}``) keep the segment's preconditioner: the averaged state holds
+    the means of the bias-corrected moments (``preconditioner="segment"`` gets the same M;
+    ``"shared"`` too when every segment has as many checkpoints).
     """
     if not isinstance(trajectory, Trajectory):
         raise ConfigurationError(f"expected a srcproj.Trajectory, got {type(trajectory).__name__}")
     segments = []
-    beta2 = getattr(trajectory.spec, "betas", (0.0, 0.0))[1]
+    betas = getattr(trajectory.spec, "betas", (0.0, 0.0))
     for index, segment in enumerate(trajectory.segments):
         loaded = [_load_state(c) for c in segment.checkpoints]
         states = [state for state, _ in loaded]
@@ -437,7 +449,7 @@ def average_checkpoints(trajectory: Trajectory) -> Trajectory:
                 mean[key] = last.clone()
         checkpoint: Any = mean
         if trajectory.spec.adaptive and all(opt is not None for opt in optimizer_states):
-            checkpoint = {"model": mean, "optimizer": _mean_optimizer_state(optimizer_states, beta2)}
+            checkpoint = {"model": mean, "optimizer": _mean_optimizer_state(optimizer_states, betas, index)}
         segments.append(Segment([checkpoint], segment.steps, segment.lr, segment.data))
     if trajectory.optimizer is not None:
         return Trajectory(segments, optimizer=trajectory.optimizer, batch_size=trajectory.batch_size)

@@ -627,15 +627,17 @@ def check_finite_rows(rows: torch.Tensor, offset: int, what: str, fix: str) -> N
 
 
 def _state_digest(state: Mapping[str, dict]) -> str:
-    """Hash of a checkpoint's Adam second moments and steps (what the preconditioner reads)."""
+    """Hash of a checkpoint's Adam moments and steps (what the preconditioner reads)."""
     digest = hashlib.blake2b(digest_size=12)
     for name in sorted(state):
         entry = state[name]
         step = entry.get("step")
         digest.update(f"{name}:{float(step) if step is not None else 'none'};".encode())
-        value = entry.get("exp_avg_sq")
-        if isinstance(value, torch.Tensor):
-            digest.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        for key in ("exp_avg_sq", "exp_avg"):
+            value = entry.get(key)
+            digest.update(key.encode())
+            if isinstance(value, torch.Tensor):
+                digest.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -667,4 +669,6 @@ def _optimizer_record(resolved: ResolvedOptimizer, trajectory: Trajectory, state
                    "second_moment": moment, "state_digests": states})
     if moment == "estimated":
         record["batch_size"] = int(trajectory.batch_size)
+        if spec.coupled_decay:  # λθ joins the gradients the moments are estimated from
+            record["estimated_with_decays"] = dict(sorted(resolved.weight_decay.items()))
     return record

@@ -33,7 +33,6 @@ __all__ = ["SGD", "Adam", "AdamW", "OptimizerSpec", "ParamGroup", "describe_torc
 CHECKPOINT_KEYS = (("model", "optimizer"), ("model_state_dict", "optimizer_state_dict"))
 
 _ADAM_STATE = ("exp_avg", "exp_avg_sq")
-_SGD_STATE = ("momentum_buffer",)
 
 
 @dataclass(frozen=True)
@@ -279,7 +278,12 @@ def _lr_scales(groups: Sequence[Mapping]) -> list[float]:
         if any(r != rates[0] for r in rates):
             raise ConfigurationError(f"the optimizer's group 0 has learning rate {rates[0]}; SOURCE reads the other "
                                      "groups' rates relative to it, so it must be positive")
-        return [1.0] * len(rates)
+        if len(rates) > 1:
+            raise ConfigurationError(
+                f"every parameter group's learning rate is {rates[0]} now and no torch LR scheduler recorded the "
+                "base rates (initial_lr), so the groups' rate ratios cannot be read; describe the optimizer "
+                "instead (srcproj.AdamW(groups=[{'params': [...], 'lr_scale': ...}]))")
+        return [1.0]
     if any(r <= 0 for r in rates):
         raise ConfigurationError(f"the optimizer's parameter groups have learning rates {rates}; a group with "
                                  "rate 0 is not trained: leave it out of the optimizer or of the attribution")
@@ -377,9 +381,6 @@ class ResolvedOptimizer:
     #: Whether a live torch optimizer gave the groups (else a description did).
     live: bool = True
 
-    def describe(self) -> dict:
-        return self.spec.describe()
-
     @property
     def uniform_lr(self) -> bool:
         return all(v == 1.0 for v in self.lr_scale.values())
@@ -394,23 +395,33 @@ class ResolvedOptimizer:
             raise CheckpointMismatchError(f"{label}: its optimizer entry has no 'state' and 'param_groups'; save "
                                           "optimizer.state_dict()")
         kinds = {key for entry in state.values() if isinstance(entry, Mapping) for key in entry}
-        if spec.adaptive and state and "exp_avg_sq" not in kinds:
+        adam_groups = any("betas" in g for g in groups)
+        if spec.adaptive and (("exp_avg_sq" not in kinds and state) or (not state and not adam_groups)):
             raise CheckpointMismatchError(
-                f"{label}: the optimizer state holds {sorted(kinds)}, not Adam's exp_avg_sq; the trajectory "
-                "describes an Adam run: describe the optimizer the checkpoints were saved with")
-        if not spec.adaptive and kinds & set(_ADAM_STATE):
+                f"{label}: the optimizer state holds {sorted(kinds) or 'no moments'} and its groups no betas: it is "
+                "not Adam's; the trajectory describes an Adam run: describe the optimizer the checkpoints were "
+                "saved with")
+        if spec.adaptive and not state:
+            raise CheckpointMismatchError(f"{label}: its Adam state is empty: it was saved before the optimizer's "
+                                          "first step; save checkpoints after training steps")
+        if not spec.adaptive and (kinds & set(_ADAM_STATE) or adam_groups):
             raise CheckpointMismatchError(
-                f"{label}: the optimizer state holds Adam's {sorted(kinds & set(_ADAM_STATE))} but the trajectory "
-                "describes an SGD run; pass the Adam/AdamW optimizer (Trajectory(optimizer=opt)): nothing is "
-                "treated as SGD silently")
-        if not spec.adaptive:
-            return {}  # SGD's momentum buffers are not read
+                f"{label}: the optimizer state is Adam's ({sorted(kinds & set(_ADAM_STATE)) or 'betas'}) but the "
+                "trajectory describes an SGD run; pass the Adam/AdamW optimizer (Trajectory(optimizer=opt)): nothing "
+                "is treated as SGD silently")
+        for key in ("amsgrad", "maximize"):
+            if any(bool(g.get(key, False)) for g in groups):
+                raise CheckpointMismatchError(f"{label}: its optimizer ran with {key}=True, which SOURCE does not "
+                                              "cover")
+        self._check_settings(groups, label)
         saved_sizes = [len(g.get("params", ())) for g in groups]
         names = self.state_names
         saved_names = [n for g in groups for n in g.get("param_names", ())]
         if saved_names and len(saved_names) == sum(saved_sizes):
             names = [n if n in shapes else None for n in saved_names]
         elif names is None or self.group_sizes != saved_sizes:
+            if not spec.adaptive:
+                return {}  # SGD's state is not read: without a mapping its groups' decays cannot be checked
             raise CheckpointMismatchError(
                 f"{label}: its optimizer state has groups of {saved_sizes} parameters, "
                 + (f"the optimizer given has {self.group_sizes}" if self.live else
@@ -419,39 +430,9 @@ class ResolvedOptimizer:
                 + "; pass the live optimizer the run was trained with (Trajectory(optimizer=opt)), built over the "
                 "same model in the same order, or save the state of an optimizer built with "
                 "model.named_parameters() (it records the names)")
-        for key in ("amsgrad", "maximize"):
-            if any(bool(g.get(key, False)) for g in groups):
-                raise CheckpointMismatchError(f"{label}: its optimizer ran with {key}=True, which SOURCE does not "
-                                              "cover")
-        assert isinstance(spec, Adam)
-        betas = [tuple(float(b) for b in g["betas"]) for g in groups if "betas" in g]
-        if any(not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(bs, spec.betas, strict=True))
-               for bs in betas):
-            raise CheckpointMismatchError(f"{label}: its optimizer used betas {betas[0]}, the trajectory "
-                                          f"describes {spec.betas}; describe the run as it was trained")
-        eps = [float(g["eps"]) for g in groups if "eps" in g]
-        if any(not math.isclose(e, spec.eps, rel_tol=1e-9) for e in eps):
-            raise CheckpointMismatchError(f"{label}: its optimizer used eps {eps[0]:g}, the trajectory describes "
-                                          f"{spec.eps:g}; describe the run as it was trained")
-        flags = [bool(g["decoupled_weight_decay"]) for g in groups if "decoupled_weight_decay" in g]
-        if any(flag != spec.decoupled for flag in flags):
-            raise CheckpointMismatchError(
-                f"{label}: its optimizer ran with {'decoupled' if flags[0] else 'coupled'} weight decay "
-                f"({'AdamW' if flags[0] else 'Adam'}), the trajectory describes {spec.kind}; describe the run as "
-                "it was trained")
-        position = 0
-        for group in groups:
-            members = names[position:position + len(group.get("params", ()))]
-            position += len(group.get("params", ()))
-            if "weight_decay" not in group:
-                continue
-            for name in members:
-                if name is not None and not math.isclose(float(group["weight_decay"]), self.weight_decay[name],
-                                                          rel_tol=1e-9, abs_tol=1e-15):
-                    raise CheckpointMismatchError(
-                        f"{label}: its optimizer decayed {name} with weight_decay {float(group['weight_decay']):g}, "
-                        f"the trajectory describes {self.weight_decay[name]:g}; describe the run's parameter groups "
-                        "as they were trained")
+        self._check_groups(groups, names, label)
+        if not spec.adaptive:
+            return {}  # SGD's momentum buffers are not read
         order = [int(i) for g in groups for i in g.get("params", ())]
         out: dict[str, dict] = {}
         for position, index in enumerate(order):
@@ -461,16 +442,71 @@ class ResolvedOptimizer:
             entry = state.get(index, state.get(str(index)))
             if entry is None:
                 continue
-            if spec.adaptive:
-                value = entry.get("exp_avg_sq")
-                if not isinstance(value, Tensor) or tuple(value.shape) != tuple(shapes[name]):
-                    got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                    raise CheckpointMismatchError(
-                        f"{label}: the optimizer's exp_avg_sq for {name} has shape {got}, the parameter "
-                        f"{tuple(shapes[name])}; the optimizer state belongs to another model or another order of "
-                        "parameters")
+            value = entry.get("exp_avg_sq")
+            if not isinstance(value, Tensor) or tuple(value.shape) != tuple(shapes[name]):
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise CheckpointMismatchError(
+                    f"{label}: the optimizer's exp_avg_sq for {name} has shape {got}, the parameter "
+                    f"{tuple(shapes[name])}; the optimizer state belongs to another model or another order of "
+                    "parameters")
             out[name] = dict(entry)
         return out
+
+    def _check_settings(self, groups: Sequence[Mapping], label: str) -> None:
+        """The saved groups' hyperparameters against the description."""
+        spec = self.spec
+
+        def differs(key: str, want: Any) -> None:
+            for group in groups:
+                if key not in group:
+                    continue
+                have = group[key]
+                same = (all(math.isclose(float(a), float(b), rel_tol=1e-9) for a, b in zip(have, want, strict=True))
+                        if isinstance(want, tuple) else
+                        (bool(have) == want if isinstance(want, bool) else
+                         math.isclose(float(have), float(want), rel_tol=1e-9, abs_tol=1e-15)))
+                if not same:
+                    shown = tuple(have) if isinstance(want, tuple) else have
+                    raise CheckpointMismatchError(
+                        f"{label}: its optimizer used {key} {shown}, the trajectory describes "
+                        f"{want if not isinstance(want, float) else f'{want:g}'}; describe the run as it was "
+                        "trained")
+
+        if isinstance(spec, Adam):
+            differs("betas", spec.betas)
+            differs("eps", spec.eps)
+            flags = [bool(g["decoupled_weight_decay"]) for g in groups if "decoupled_weight_decay" in g]
+            if any(flag != spec.decoupled for flag in flags):
+                raise CheckpointMismatchError(
+                    f"{label}: its optimizer ran with {'decoupled' if flags[0] else 'coupled'} weight decay "
+                    f"({'AdamW' if flags[0] else 'Adam'}), the trajectory describes {spec.kind}; describe the run "
+                    "as it was trained")
+        else:
+            assert isinstance(spec, SGD)
+            differs("momentum", float(spec.momentum))
+            differs("dampening", float(spec.dampening))
+            differs("nesterov", bool(spec.nesterov))
+
+    def _check_groups(self, groups: Sequence[Mapping], names: Sequence[str | None], label: str) -> None:
+        """Each saved group's weight decay and rate ratio against the parameters' described ones."""
+        rates = [float(g["initial_lr"] if "initial_lr" in g else g.get("lr", 0.0)) for g in groups]
+        position = 0
+        for group, rate in zip(groups, rates, strict=True):
+            members = [n for n in names[position:position + len(group.get("params", ()))] if n is not None]
+            position += len(group.get("params", ()))
+            for name in members:
+                if "weight_decay" in group and not math.isclose(float(group["weight_decay"]), self.weight_decay[name],
+                                                                rel_tol=1e-9, abs_tol=1e-15):
+                    raise CheckpointMismatchError(
+                        f"{label}: its optimizer decayed {name} with weight_decay {float(group['weight_decay']):g}, "
+                        f"the trajectory describes {self.weight_decay[name]:g}; describe the run's parameter groups "
+                        "as they were trained")
+                if rates[0] > 0 and rate > 0 and not math.isclose(rate / rates[0], self.lr_scale[name],
+                                                                  rel_tol=1e-6):
+                    raise CheckpointMismatchError(
+                        f"{label}: its optimizer stepped {name} at {rate / rates[0]:g} times group 0's learning "
+                        f"rate, the trajectory describes {self.lr_scale[name]:g}; give the group's lr_scale as it "
+                        "was trained")
 
 
 def resolve_optimizer(optimizer: Any, model: nn.Module, param_names: Sequence[str]) -> ResolvedOptimizer:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from .errors import CheckpointMismatchError
-from .optimizer import Adam, ResolvedOptimizer
+from .optimizer import Adam
 
 __all__ = ["CHAININGS", "RESPONSES", "DecayRule", "bias_corrected_moments", "estimated_moments", "scale_vector",
-           "small_space_decay", "lr_scale_vector"]
+           "small_space_decay"]
 
 #: How a run's segments share preconditioners: "shared" (the default) uses one M, from
 #: every checkpoint, for the whole run, so the factor between consecutive segments,
@@ -43,15 +43,6 @@ class DecayRule:
 
     name: str
     exact: bool
-
-
-def lr_scale_vector(resolved: ResolvedOptimizer, param_names: Sequence[str], sizes: Mapping[str, int]) -> np.ndarray:
-    """``r`` per entry of the flat attributed parameters."""
-    return np.concatenate([np.full(sizes[n], resolved.lr_scale[n], dtype=np.float64) for n in param_names])
-
-
-def decay_vector(resolved: ResolvedOptimizer, param_names: Sequence[str], sizes: Mapping[str, int]) -> np.ndarray:
-    return np.concatenate([np.full(sizes[n], resolved.weight_decay[n], dtype=np.float64) for n in param_names])
 
 
 #: How Adam's step responds to a small persistent change of the gradient (removing an

@@ -28,7 +28,8 @@ __all__ = ["AttributionStore", "compressors", "fsync_path", "local_path", "metad
 
 # 2: stage inputs (weight decay, segment times) recorded apart from the store's identity.
 # 3: checksummed flags; float16 features with a per-row power-of-two scale (features/ckpt_{c}_scale).
-FORMAT_VERSION = 3
+# 4: the optimizer in the identity (Adam's preconditioner, preconditioner/seg_{l}_*).
+FORMAT_VERSION = 4
 _UNCHECKED = {"library_version", "created"}
 
 

@@ -337,12 +337,13 @@ def test_groups_with_different_schedules_are_refused():
 
 def test_adam_state_described_as_sgd_is_refused(adamw_run, tmp_path):
     model, optimizer, segments = adamw_run
-    with pytest.raises(CheckpointMismatchError, match=r"holds Adam's \['exp_avg', 'exp_avg_sq'\] but the trajectory "
-                                                      r"describes an SGD run"):
+    with pytest.raises(CheckpointMismatchError, match=r"optimizer state is Adam's \(\['exp_avg', 'exp_avg_sq'\]\) "
+                                                      r"but the trajectory describes an SGD run"):
         Attributor(model, ClassificationTask(), Trajectory(segments, weight_decay=0.01), tmp_path / "s.zarr",
                    proj_dim=8)
     sgd_model, sgd_optimizer, sgd_segments = train("sgd")
-    with pytest.raises(CheckpointMismatchError, match=r"holds \['momentum_buffer'\], not Adam's exp_avg_sq"):
+    with pytest.raises(CheckpointMismatchError, match=r"holds \['momentum_buffer'\] and its groups no betas: it is "
+                                                      r"not Adam's"):
         Attributor(sgd_model, ClassificationTask(),
                    Trajectory(sgd_segments, optimizer=torch.optim.AdamW(sgd_model.parameters(), betas=BETAS)),
                    tmp_path / "t.zarr", proj_dim=8)
@@ -365,8 +366,12 @@ def test_mismatched_optimizer_states_are_refused(adamw_run, tmp_path):
     other = torch.optim.AdamW(list(model.parameters())[:3], betas=BETAS, eps=EPS)
     with pytest.raises(ConfigurationError, match=r"parameters \['2.bias'\] are attributed but not in the optimizer"):
         Attributor(model, task, Trajectory(segments, optimizer=other), tmp_path / "o.zarr", proj_dim=8)
-    betas = torch.optim.AdamW(model.parameters(), betas=(0.8, 0.9))
+    one_group = torch.optim.AdamW(model.parameters(), betas=BETAS, eps=EPS)
     with pytest.raises(CheckpointMismatchError, match=r"groups of \[2, 2\] parameters, the optimizer given has \[4\]"):
+        Attributor(model, task, Trajectory(segments, optimizer=one_group), tmp_path / "b.zarr", proj_dim=8)
+    betas = torch.optim.AdamW(model.parameters(), betas=(0.8, 0.9))
+    with pytest.raises(CheckpointMismatchError, match=r"used betas \(0.9, 0.99\), the trajectory describes "
+                                                      r"\(0.8, 0.9\)"):
         Attributor(model, task, Trajectory(segments, optimizer=betas), tmp_path / "b.zarr", proj_dim=8)
     wrong_betas = copy.deepcopy(segments)
     for seg in wrong_betas:
@@ -586,3 +591,90 @@ def test_a_wrapped_optimizer_is_read_through_its_wrapper(adamw_run, tmp_path):
     plain = Attributor(model, task, Trajectory(segments, optimizer=optimizer), tmp_path / "p.zarr", proj_dim=8)
     assert wrapped.context.metadata()["optimizer"] == plain.context.metadata()["optimizer"]
     assert wrapped.trajectory.spec == plain.trajectory.spec
+
+
+# --------------------------------------------------------------------------- review findings
+def test_fast_source_keeps_each_segments_preconditioner(adamw_run, tmp_path):
+    model, optimizer, segments = adamw_run
+    task = ClassificationTask()
+    trajectory = Trajectory(segments, optimizer=optimizer)
+    full = Attributor(model, task, trajectory, tmp_path / "full.zarr", proj_dim=8, preconditioner="segment")
+    fast = Attributor(model, task, average_checkpoints(trajectory), tmp_path / "fast.zarr", proj_dim=8,
+                      preconditioner="segment")
+    full.featurize(progress=False)
+    fast.featurize(progress=False)
+    for seg in range(3):  # the linearized M (both moments) is the segment's own
+        np.testing.assert_allclose(fast.layout.read_scale(seg), full.layout.read_scale(seg), rtol=1e-5)
+
+
+def test_a_changed_saved_state_or_decay_refuses_the_store(adamw_run, tmp_path):
+    from srcproj.errors import StoreMismatchError
+
+    model, optimizer, segments = adamw_run
+    task = ClassificationTask()
+    Attributor(model, task, Trajectory(segments, optimizer=optimizer), tmp_path / "s.zarr", proj_dim=8)
+    zeroed = copy.deepcopy(segments)  # the linearized response reads exp_avg: it is part of the identity
+    for seg in zeroed:
+        for c in seg.checkpoints:
+            for entry in c["optimizer"]["state"].values():
+                entry["exp_avg"].zero_()
+    with pytest.raises(StoreMismatchError, match="optimizer"):
+        Attributor(model, task, Trajectory(zeroed, optimizer=optimizer), tmp_path / "s.zarr", proj_dim=8)
+    # Coupled Adam with estimated moments: λθ entered the preconditioner, so λ is identity too.
+    bare = [Segment([c["model"] for c in s.checkpoints], s.steps, s.lr, s.data) for s in segments]
+
+    def coupled(decay):
+        return Trajectory(bare, optimizer=Adam(betas=BETAS, eps=EPS, weight_decay=decay), batch_size=4)
+
+    Attributor(model, task, coupled(0.1), tmp_path / "c.zarr", proj_dim=8)
+    with pytest.raises(StoreMismatchError, match="estimated_with_decays"):
+        Attributor(model, task, coupled(5.0), tmp_path / "c.zarr", proj_dim=8)
+
+
+def test_saved_sgd_settings_and_group_rates_are_checked(adamw_run, tmp_path):
+    task = ClassificationTask()
+    model, optimizer, segments = train("sgd")  # momentum 0.5, decays 0.05 / 0, one lr
+    with pytest.raises(CheckpointMismatchError, match=r"used momentum 0.5, the trajectory describes 0.9"):
+        Attributor(model, task, Trajectory(segments, momentum=0.9, weight_decay=DECAY), tmp_path / "m.zarr",
+                   proj_dim=8)
+    with pytest.raises(CheckpointMismatchError, match=r"decayed 0.weight with weight_decay 0.05, the trajectory "
+                                                      r"describes 0.3"):
+        params = dict(model.named_parameters())
+        other = torch.optim.SGD([{"params": [params[n] for n in WEIGHTS], "weight_decay": 0.3},
+                                 {"params": [params[n] for n in BIASES], "weight_decay": 0.0}], lr=0.02, momentum=0.5)
+        Attributor(model, task, Trajectory(segments, optimizer=other), tmp_path / "d.zarr", proj_dim=8)
+    # A description that forgets a group's rate ratio.
+    model, optimizer, segments = train("adamw", lr_ratio=0.5)
+    named = copy.deepcopy(segments)
+    for seg in named:
+        for c in seg.checkpoints:
+            for group, names in zip(c["optimizer"]["param_groups"], (WEIGHTS, BIASES), strict=True):
+                group["param_names"] = names
+    forgot = AdamW(betas=BETAS, eps=EPS, weight_decay=DECAY, groups=[{"params": BIASES, "weight_decay": 0.0}])
+    with pytest.raises(CheckpointMismatchError, match=r"stepped 0.bias at 0.5 times group 0's learning rate, the "
+                                                      r"trajectory describes 1"):
+        Attributor(model, task, Trajectory(named, optimizer=forgot), tmp_path / "r.zarr", proj_dim=8)
+    assert not any(tmp_path.iterdir())
+
+
+def test_states_that_are_not_adams_are_refused_for_an_adam_run(adamw_run, tmp_path):
+    model, optimizer, segments = adamw_run
+    task = ClassificationTask()
+    plain_sgd = torch.optim.SGD(model.parameters(), lr=0.1)  # no momentum: an empty state
+    empty = [Segment([{"model": c["model"], "optimizer": plain_sgd.state_dict()} for c in s.checkpoints], s.steps,
+                     s.lr, s.data) for s in segments]
+    with pytest.raises(CheckpointMismatchError, match=r"holds no moments and its groups no betas: it is not Adam's"):
+        Attributor(model, task, Trajectory(empty, optimizer=optimizer, batch_size=4), tmp_path / "e.zarr", proj_dim=8)
+    fresh = torch.optim.AdamW(model.parameters(), betas=BETAS, eps=EPS, weight_decay=DECAY)  # before any step
+    early = [Segment([{"model": c["model"], "optimizer": fresh.state_dict()} for c in s.checkpoints], s.steps, s.lr,
+                     s.data) for s in segments]
+    with pytest.raises(CheckpointMismatchError, match=r"saved before the optimizer's first step"):
+        Attributor(model, task, Trajectory(early, optimizer=AdamW(betas=BETAS, eps=EPS, weight_decay=DECAY)),
+                   tmp_path / "f.zarr", proj_dim=8)
+    # Every group at rate 0 without a scheduler's base rates: the ratios cannot be read.
+    params = dict(model.named_parameters())
+    zero = torch.optim.AdamW([{"params": [params[n] for n in WEIGHTS], "lr": 0.0},
+                              {"params": [params[n] for n in BIASES], "lr": 0.0}])
+    with pytest.raises(ConfigurationError, match=r"every parameter group's learning rate is 0.0 now"):
+        Trajectory(segments, optimizer=zero)
+    assert not any(tmp_path.iterdir())

@@ -96,7 +96,10 @@ class SrcprojCallback(TrainerCallback):
         batch_size = per_device * int(args.gradient_accumulation_steps) * int(args.world_size)
         self.recorder = TrajectoryRecorder(model, optimizer, self.directory, batch_size=batch_size,
                                            checkpoints_per_segment=self.checkpoints_per_segment, task=self.task,
-                                           allow_skipped_steps=True, overwrite=self.overwrite)
+                                           # fp16's GradScaler skips steps with inf gradients; otherwise a
+                                           # skipped step means the hook is not on the optimizer that steps
+                                           allow_skipped_steps=bool(getattr(args, "fp16", False)),
+                                           overwrite=self.overwrite)
         if self.segment_every is not None:
             self.recorder.stage(self.stage, data, steps=int(state.max_steps), segment_every=self.segment_every)
         else:
