@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import scenarios as sc
+from paired_lds import paired_difference  # noqa: E402
 
 from srcproj import Attributor, ClassificationTask
 from srcproj.baselines import (
@@ -269,8 +270,12 @@ def main() -> None:
             scores, selfinf, final = method_scores(name, scenario, seed, queries, settings, methods, timer)
             finals.append(final)
             label = label_baseline(scenario, queries)
+            # Final loss: every query ranks the training examples by their final loss, the
+            # highest (mislabeled, memorised) as the most harmful.
+            loss = -np.broadcast_to(final_losses(scenario, seed)[None, :], label.shape)
             for protocol in PROTOCOLS:
                 scores["same label", protocol] = label
+                scores["final loss", protocol] = loss
             per_model.append(scores)
             self_per_model.append(selfinf)
         ensembled = {}
@@ -282,13 +287,14 @@ def main() -> None:
                                           queries, proj_dim=settings.proj_dim, seed=0)
             for protocol in PROTOCOLS:
                 ensembled["TRAK (official)", protocol] = out
-        table = {}
+        table, per_query = {}, {}
         for protocol in PROTOCOLS:
             outputs = truth["outputs"][protocol][:, :, picked]
             for key in per_model[0]:
                 if key[1] != protocol:
                     continue
                 single = lds(per_model[0][key], truth["masks"], outputs)
+                per_query[key] = single.per_query
                 combined = ensembled.get(key)
                 if combined is None:
                     combined = np.mean([m[key] for m in per_model], axis=0)
@@ -298,7 +304,11 @@ def main() -> None:
                     "ensemble": ensemble.mean, "ensemble_ci": ensemble.ci_subsets,
                     "seconds_per_model": timer.seconds.get(key[0], 0.0) / settings.models,
                 }
-        entry = {"lds": table, "description": scenario.description, "steps": sc.describe_steps(scenario)}
+        entry = {"lds": table, "description": scenario.description, "steps": sc.describe_steps(scenario),
+                 "source_vs_runner_up": _source_vs_runner_up(table, per_query)}
+        for protocol, versus in entry["source_vs_runner_up"].items():
+            print(f"SOURCE ({protocol}) − {versus['other']}, one model: {versus['diff']:+.3f} "
+                  f"[{versus['ci'][0]:+.3f}, {versus['ci'][1]:+.3f}]")
         print(f"{'method':<28} {'protocol':<7} {'LDS 1 model':>22} {'LDS ensemble':>22} {'s/model':>8}")
         for key, row in sorted(table.items(), key=lambda kv: (kv[0].split(' | ')[1], -kv[1]['single'])):
             method, protocol = key.split(" | ")
@@ -330,6 +340,20 @@ def main() -> None:
         print(f"wrote {args.markdown}")
 
 
+def _source_vs_runner_up(table: dict, per_query: dict) -> dict:
+    """Per protocol, SOURCE (told the protocol, §8) minus the best other method, one model:
+    the paired bootstrap over queries. SOURCE's own variants are not other methods."""
+    out = {}
+    for protocol in PROTOCOLS:
+        others = [key for key in per_query if key[1] == protocol and not key[0].startswith(("SOURCE", "Fast-SOURCE"))]
+        if ("SOURCE", protocol) not in per_query or not others:
+            continue
+        runner_up = max(others, key=lambda key: table[f"{key[0]} | {protocol}"]["single"])
+        d = paired_difference(per_query["SOURCE", protocol], per_query[runner_up])
+        out[protocol] = {"other": runner_up[0], "diff": d.mean, "ci": list(d.ci)}
+    return out
+
+
 def markdown_tables(results: dict) -> str:
     """The LDS tables of docs/benchmarks.md, one per scenario, best single-model first."""
     lines = []
@@ -351,6 +375,12 @@ def markdown_tables(results: dict) -> str:
             ordered = [c[2] for c in sorted(cells, key=lambda c: (c[1] != "single", c[0] != "steps"))]
             lines.append(f"| {method} | " + " | ".join(ordered) + f" | {row['steps']['seconds_per_model']:.2f} |")
         lines.append("")
+        versus = entry.get("source_vs_runner_up") or {}
+        if versus:
+            lines.append("SOURCE minus the best other method, one model (paired bootstrap over queries): " + "; ".join(
+                f"same {protocol}: {v['diff']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}] vs {v['other']}"
+                for protocol, v in versus.items()))
+            lines.append("")
         if "detection" in entry:
             lines += ["Mislabeled detection (30% of labels flipped), ensemble-averaged rankings:", "",
                       "| ranking | ROC-AUC | found in top 5% | 10% | 20% | 30% |", "|---|---:|---:|---:|---:|---:|"]
