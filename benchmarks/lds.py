@@ -142,6 +142,10 @@ def method_scores(name: str, scenario: sc.Scenario, seed: int, queries, settings
     for protocol in PROTOCOLS:
         variant = SourceVariant(base, trajectory(protocol))
         scores["SOURCE", protocol] = timed("SOURCE", lambda v=variant: v.score(queries))
+    # The same store's same-steps answer scored against both protocols: what re-timing
+    # the subsampled segments (Counterfactual.same_epochs) changes.
+    for protocol in PROTOCOLS:
+        scores["SOURCE, same-steps setting", protocol] = scores["SOURCE", "steps"]
     selfinf["SOURCE"] = base.self_influence()
 
     shared = {"IF": lambda: InfluenceFunction(base), "TracIn": lambda: TracIn(base),

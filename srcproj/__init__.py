@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .attributor import Attributor, FeaturizeReport
+from .counterfactual import Counterfactual
 from .errors import (
     CheckpointMismatchError,
     ConfigurationError,
@@ -24,6 +25,7 @@ from .verify import VerifyReport, verify_store
 __all__ = [
     "Attributor",
     "AttributionMethod",
+    "Counterfactual",
     "FeaturizeReport",
     "Segment",
     "Trajectory",

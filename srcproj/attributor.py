@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .context import AttributionContext
+from .counterfactual import Counterfactual, resolve_counterfactual
 from .distributed import Collective
 from .errors import ConfigurationError, StoreError
 from .layout import StoreLayout
@@ -90,6 +91,14 @@ class Attributor(AttributionMethod):
         collective: every rank builds it with the same inputs and calls
         :meth:`featurize`, which shards the work over the ranks (docs/scaling.md).
         ``False``: act as one process anyway. ``True``: require a process group.
+    counterfactual : "same_steps" or Counterfactual
+        The retraining the scores predict (docs/concepts.md, "Which counterfactual a
+        score answers"): ``"same_steps"`` (the default) keeps every segment's steps;
+        ``Counterfactual.same_epochs(fraction)`` keeps the epochs of a retraining on
+        that fraction of the attributed data set, whose segments then take
+        ``fraction``·K steps. :meth:`featurize` computes this setting's caches only,
+        and scoring reads them; several settings live in one store, and switching
+        recomputes only the caches.
 
     See Also
     --------
@@ -104,23 +113,26 @@ class Attributor(AttributionMethod):
                  feature_dtype: str = "float16",
                  chunk_size: int = 1024, device: str | torch.device | None = None, query: str = "last_segment",
                  preconditioner: str = "shared", adam_response: str = "linearized",
-                 distributed: bool | None = None) -> None:
+                 distributed: bool | None = None, counterfactual: str | Counterfactual = "same_steps") -> None:
         self.query = check_choice(query, "query", _QUERY_MODES)
+        self.counterfactual = resolve_counterfactual(counterfactual)
         projector = RademacherProjector(proj_dim, seed) if projector is None else projector
         self.context = AttributionContext.from_trajectory(
             model, task, trajectory, projector, modules=modules, hessian=hessian, fisher_samples=fisher_samples,
             hessian_sample=hessian_sample, preconditioner=preconditioner, adam_response=adam_response,
             feature_dtype=feature_dtype, chunk_size=chunk_size, device=device)
         self.trajectory = trajectory
+        self.counterfactual.attributed_segments(self.context.data_groups)  # data_segment exists
         self._collective = Collective(distributed)
         self.store = AttributionStore.open_shared(store, self.context.metadata(), self._collective)
         self.layout = StoreLayout(self.store)
         self.context.attach(self.layout)
-        self._stage_inputs = self.context.stage_inputs()
+        self._stage_inputs = self.context.stage_inputs(self.counterfactual)
 
     @classmethod
     def open(cls, store: Any, model: nn.Module, task: Task, data: Any = None, *, projector: Projector | None = None,
-             query: str = "last_segment", device: str | torch.device | None = None) -> Attributor:
+             query: str = "last_segment", device: str | torch.device | None = None,
+             counterfactual: str | Counterfactual = "same_steps") -> Attributor:
         """Reopen a featurized store for scoring, without rebuilding the trajectory.
 
         The query checkpoints were saved in the store by :meth:`featurize`; the model's
@@ -143,6 +155,9 @@ class Attributor(AttributionMethod):
             checked against the store's fingerprint.
         query : {"last_segment", "final"}
             Where ψ is taken, as in the constructor.
+        counterfactual : "same_steps" or Counterfactual
+            The setting whose stored caches are scored, as in the constructor; the
+            store must hold them (``srcproj info`` lists the settings it has).
 
         Returns
         -------
@@ -152,6 +167,7 @@ class Attributor(AttributionMethod):
         """
         attributor = cls.__new__(cls)
         attributor.query = check_choice(query, "query", _QUERY_MODES)
+        attributor.counterfactual = resolve_counterfactual(counterfactual)
         attributor.store = AttributionStore.read(store)
         attributor.layout = StoreLayout(attributor.store)
         attributor.context = AttributionContext.from_store(attributor.store, model, task, data, projector=projector,
@@ -159,7 +175,19 @@ class Attributor(AttributionMethod):
         attributor.trajectory = None
         attributor._collective = Collective(False)
         attributor._stage_inputs = None
+        attributor.counterfactual.attributed_segments(attributor.context.data_groups)  # data_segment exists
+        setting = attributor.counterfactual
+        if not setting.is_default and not attributor.layout.is_complete(setting.key):
+            have = ", ".join(attributor.layout.settings_completion()) or "none"
+            raise StoreError(f"the store at {attributor.store.location!r} has no complete caches for the "
+                             f"counterfactual {setting.key!r} (it has: {have}): featurize it with the trajectory and "
+                             f"counterfactual={setting!r} first; only the caches are computed")
         if not attributor.layout.is_complete():
+            if setting.is_default and attributor.layout.settings():
+                have = ", ".join(attributor.layout.settings_completion()) or "none"
+                raise StoreError(f"the store at {attributor.store.location!r} has no complete same-steps caches (it "
+                                 f"has: {have}): pass counterfactual=... to open one of those, or featurize with "
+                                 "the trajectory and counterfactual='same_steps'")
             raise StoreError(f"the store at {attributor.store.location!r} is not complete: run featurize() with the "
                              "trajectory first (it resumes where it stopped)")
         return attributor
@@ -228,16 +256,24 @@ class Attributor(AttributionMethod):
         if self._stage_inputs is None:
             raise ConfigurationError("this Attributor was reopened for scoring (Attributor.open); featurize needs "
                                      "the trajectory: build it with Attributor(model, task, trajectory, store)")
-        trajectory = self.trajectory
-        times = [trajectory.segment_time(s) for s in range(len(trajectory.segments))]
+        setting = self.counterfactual
+        times = setting.times(self.context.segment_times(), self.context.data_groups)
+        segments = None if setting.is_default else setting.attributed_segments(self.context.data_groups)
         return featurize(self.context, self.layout, self._collective, batch_size=batch_size, progress=progress,
-                         times=times, stage_inputs=self._stage_inputs)
+                         times=times, stage_inputs=self._stage_inputs, setting=self._setting_key,
+                         cache_segments=segments)
+
+    @property
+    def _setting_key(self) -> str | None:
+        """The key of the counterfactual setting's caches; ``None`` for same steps (the store's own)."""
+        return None if self.counterfactual.is_default else self.counterfactual.key
 
     def is_featurized(self) -> bool:
-        """Whether every cache chunk is in the store, made with this Attributor's inputs."""
+        """Whether every cache chunk of this Attributor's counterfactual setting is in the
+        store, made with its inputs."""
         if self._stage_inputs is not None and self.layout.stale(self._stage_inputs):
             return False
-        return self.layout.is_complete()
+        return self.layout.is_complete(self._setting_key)
 
     def require_featurized(self) -> None:
         """Raise :class:`~srcproj.errors.StoreError` unless the store is ready to score."""
@@ -245,18 +281,37 @@ class Attributor(AttributionMethod):
             changes = self.layout.changes(self._stage_inputs)
             raise StoreError(f"the store's caches were made with other inputs ({changes}): run featurize() to "
                              "recompute what depends on them")
-        if not self.layout.is_complete():
-            raise StoreError("the store is not complete: run featurize() first (it resumes where it stopped)")
+        if not self.layout.is_complete(self._setting_key):
+            what = "" if self.counterfactual.is_default else f" for the counterfactual {self.counterfactual.key!r}"
+            raise StoreError(f"the store is not complete{what}: run featurize() first (it resumes where it stopped; "
+                             "with a featurized store only the caches are computed)")
 
     # ------------------------------------------------------------------ scoring
     def source_method(self, segments: Sequence[int] | None = None,
                       score_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> Source:
-        """SOURCE over the cached training features of ``segments`` (one data set), checked
-        ready to score."""
-        selected = self.context.selection(segments)
+        """SOURCE over the cached training features of ``segments`` (one data set), under
+        this Attributor's counterfactual setting, checked ready to score."""
+        selected = self._selection(segments)
         check_memory_bytes(score_memory_bytes)
         self.require_featurized()
-        return Source(self.context, self.layout, self.query, selected)
+        return Source(self.context, self.layout, self.query, selected, setting=self._setting_key)
+
+    def _selection(self, segments: Sequence[int] | None) -> list[int]:
+        """Checked segments of one data set; under same epochs, of the attributed data set only."""
+        setting = self.counterfactual
+        if setting.is_default:
+            return self.context.selection(segments)
+        attributed = setting.attributed_segments(self.context.data_groups)
+        if segments is None:
+            return attributed
+        selected = self.context.selection(segments)
+        if not set(selected) <= set(attributed):
+            raise ConfigurationError(
+                f"segments {selected} trained on another data set than segment {setting.data_segment}'s, the one "
+                f"the counterfactual {setting.key!r} retrains on a fraction of (segments {attributed}); score "
+                "them with an Attributor whose counterfactual is Counterfactual.same_epochs(fraction, "
+                "data_segment=...) of their data set, or 'same_steps'")
+        return selected
 
     def training_side(self) -> Cache:
         return self.source_method().training_side()
@@ -278,7 +333,9 @@ class Attributor(AttributionMethod):
             (the final one, or the last segment's with ``query="last_segment"``).
         segments : sequence of int, optional
             0-based segments whose terms are summed (they must share one data set);
-            default: the segments that share segment 0's data.
+            default: the segments that share segment 0's data. Under a same-epochs
+            counterfactual, only (and by default all) the segments of its attributed
+            data set.
         batch_size : int
             Examples per query-gradient batch.
         score_memory_bytes : int, optional

@@ -244,8 +244,16 @@ def _print_info(summary: dict) -> None:
     print(f"  spectra   {_fraction(done['spectra'])} segments")
     print(f"  caches    {_fraction(done['caches']['segments'])} segments "
           f"({_fraction(done['caches']['chunks'])} chunks)")
-    state = ("complete: ready to score" if done["complete"]
-             else "incomplete: run Attributor.featurize() to finish (it resumes)")
+    settings = done.get("settings") or {}
+    shown = ", ".join(f"{key} ({_fraction(chunks)} chunks)" for key, chunks in settings.items())
+    print(f"  settings  {shown or 'none'}  (counterfactual settings with caches)")
+    ready = [key for key, (have, total) in settings.items() if have == total and key != "same_steps"]
+    if done["complete"]:
+        state = "complete: ready to score"
+    elif ready:
+        state = f"ready to score with counterfactual {', '.join(ready)} only (same-steps caches incomplete)"
+    else:
+        state = "incomplete: run Attributor.featurize() to finish (it resumes)"
     print(f"  state     {state}")
     size = summary["bytes_on_disk"]
     print(f"on disk   {f'{format_bytes(size)} ({size:,} bytes)' if size else 'unknown (not a local store)'}")

@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from . import __version__
+from .counterfactual import Counterfactual
 from .curvature import HessianEstimator, SampledFisher, choose_estimator
 from .data import ExampleSource, group_by_fingerprint
 from .errors import ConfigurationError, DataError, NonFiniteGradientError, StoreError, StoreMismatchError
 from .gradients import GradientComputer, ProjectedGradients
-from .layout import StoreLayout
+from .layout import StoreLayout, setting_stage
 from .optimizer import ResolvedOptimizer, resolve_optimizer
 from .preconditioning import (
     CHAININGS,
@@ -290,11 +291,12 @@ class AttributionContext:
             "segments": segments,
         }
 
-    def stage_inputs(self) -> dict[str, dict]:
-        """The inputs of the stages that are recomputed in place when they change."""
+    def stage_inputs(self, counterfactual: Counterfactual | None = None) -> dict[str, dict]:
+        """The inputs of the stages that are recomputed in place when they change; with a
+        counterfactual setting other than same steps, also its caches' (under its key)."""
         trajectory, spec = self.trajectory, self.trajectory.spec
         decays = self.optimizer.weight_decay
-        return {
+        inputs = {
             "spectra": {"weight_decay": float(spec.weight_decay),
                         "group_weight_decays": {n: v for n, v in decays.items() if v != float(spec.weight_decay)},
                         "decoupled": not spec.coupled_decay},
@@ -305,6 +307,21 @@ class AttributionContext:
                              for i, seg in enumerate(trajectory.segments)],
             },
         }
+        if counterfactual is not None and not counterfactual.is_default:
+            times = counterfactual.times(self.segment_times(), self.data_groups)
+            inputs[setting_stage(counterfactual.key)] = {
+                "counterfactual": counterfactual.record(),
+                "momentum": float(trajectory.momentum),
+                "gain": spec.gain(),
+                "attributed": counterfactual.attributed_segments(self.data_groups),
+                "segments": [{"steps": seg.steps, "total_lr": seg.total_lr, "time": times[i]}
+                             for i, seg in enumerate(trajectory.segments)],
+            }
+        return inputs
+
+    def segment_times(self) -> list[float]:
+        """SOURCE's time of every segment, as the trajectory describes them (same steps)."""
+        return [self.trajectory.segment_time(s) for s in range(len(self.trajectory.segments))]
 
     # ------------------------------------------------------------------ the optimizer's preconditioner
     @property

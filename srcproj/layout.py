@@ -18,6 +18,8 @@ Layout (``c`` a checkpoint in training order, ``l`` a segment)::
     segments/done                  (n_segments,)
     caches/seg_{l}                 (N_l, k) Ḡ_l W_lᵀ, float32 (float64 with float64 features)
     caches/seg_{l}_done            (n_chunks,)
+    caches/{key}/seg_{l}           the caches of another counterfactual setting (e.g. key
+    caches/{key}/seg_{l}_done      "same_epochs_0.5"), for the segments of its attributed data set
     query/ckpt_{c}                 the bytes of a query checkpoint's state (the last segment's)
     query/done                     (n_checkpoints,)
     preconditioner/seg_{l}_scale   (p,) float32 (as the caches) M^{1/2} of the optimizer's preconditioner over the
@@ -36,7 +38,10 @@ may be recomputed in place: the spectra depend on the weight decay, the caches o
 segments' times (steps, learning rates, momentum) and sizes. When a store is reopened
 with other stage inputs, :meth:`StoreLayout.reconcile` clears the flags of the stage
 that changed and of every stage after it, then records the new inputs; the next
-featurize recomputes exactly those.
+featurize recomputes exactly those. The caches of a counterfactual setting other than
+same steps (:class:`~srcproj.counterfactual.Counterfactual`) record their own segment
+times under ``caches/{key}``; several settings live side by side, and a change of any
+stage (weight decay, features, the trajectory's times) clears every setting's caches.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from .store import AttributionStore, metadata_differences
 __all__ = ["STAGES", "StoreLayout", "decode_float16_rows", "encode_float16_rows", "features", "feature_scale",
            "features_done", "hessian", "hessian_counts", "hessian_parts", "hessian_parts_done", "HESSIANS_DONE",
            "eigenvalues",
-           "eigenvectors", "SPECTRA_DONE", "cache", "cache_done", "query_checkpoint", "QUERY_DONE",
+           "eigenvectors", "SPECTRA_DONE", "cache", "cache_done", "query_checkpoint", "QUERY_DONE", "setting_stage",
            "PRECONDITIONER_DONE", "preconditioner_scale", "preconditioner_moment"]
 
 #: The stages of featurization, in order; a stage depends on every stage before it.
@@ -104,12 +109,31 @@ def eigenvectors(segment: int) -> str:
     return f"segments/seg_{segment}/eigenvectors"
 
 
-def cache(segment: int) -> str:
-    return f"caches/seg_{segment}"
+#: The counterfactual setting whose caches are the store's own (``caches/seg_{l}``).
+DEFAULT_SETTING = "same_steps"
+_SETTING_PREFIX = "caches/"
 
 
-def cache_done(segment: int) -> str:
-    return f"caches/seg_{segment}_done"
+def _cache_folder(setting: str | None) -> str:
+    return "caches" if setting in (None, DEFAULT_SETTING) else f"caches/{setting}"
+
+
+def cache(segment: int, setting: str | None = None) -> str:
+    """A segment's cache; of a counterfactual setting's key other than same steps, beside them."""
+    return f"{_cache_folder(setting)}/seg_{segment}"
+
+
+def cache_done(segment: int, setting: str | None = None) -> str:
+    return f"{_cache_folder(setting)}/seg_{segment}_done"
+
+
+def setting_stage(setting: str) -> str:
+    """The stage-inputs entry that records a (non-default) setting's cache inputs."""
+    return f"{_SETTING_PREFIX}{setting}"
+
+
+def _is_setting_stage(name: str) -> bool:
+    return name.startswith(_SETTING_PREFIX)
 
 
 PRECONDITIONER_DONE = "preconditioner/done"
@@ -304,13 +328,13 @@ class StoreLayout:
     def spectrum_flags(self) -> zarr.Array:
         return self.store.flags(SPECTRA_DONE, self.num_segments)
 
-    def cache(self, segment: int) -> zarr.Array:
+    def cache(self, segment: int, setting: str | None = None) -> zarr.Array:
         k = self.proj_dim
-        return self.store.array(cache(segment), (self.rows(segment), k), self.cache_dtype,
+        return self.store.array(cache(segment, setting), (self.rows(segment), k), self.cache_dtype,
                                 chunks=(self.shape.chunk_size, k))
 
-    def cache_flags(self, segment: int) -> zarr.Array:
-        return self.store.flags(cache_done(segment), len(self.chunks(segment)))
+    def cache_flags(self, segment: int, setting: str | None = None) -> zarr.Array:
+        return self.store.flags(cache_done(segment, setting), len(self.chunks(segment)))
 
     def query_flags(self) -> zarr.Array:
         return self.store.flags(QUERY_DONE, self.num_checkpoints)
@@ -347,8 +371,9 @@ class StoreLayout:
         name = preconditioner_moment(segment)
         return self.store.read_all(name) if self.store.has(name) else None
 
-    def create(self) -> None:
-        """Create every array featurize writes (in a distributed job rank 0 does, first)."""
+    def create(self, setting: str | None = None, segments: list[int] | None = None) -> None:
+        """Create every array featurize writes (in a distributed job rank 0 does, first);
+        with ``setting``, also that setting's caches of ``segments``."""
         for c in range(self.num_checkpoints):
             self.features(c)
             if self.scaled_features:
@@ -364,6 +389,10 @@ class StoreLayout:
             self.spectrum(seg)
             self.cache(seg)
             self.cache_flags(seg)
+        if setting not in (None, DEFAULT_SETTING):
+            for seg in segments if segments is not None else range(self.num_segments):
+                self.cache(seg, setting)
+                self.cache_flags(seg, setting)
         self.spectrum_flags()
         self.query_flags()
         if self.preconditioned:
@@ -383,12 +412,13 @@ class StoreLayout:
     def read_spectrum(self, segment: int) -> tuple[np.ndarray, np.ndarray]:
         return self.store.read_all(eigenvalues(segment)), self.store.read_all(eigenvectors(segment))
 
-    def read_cache(self, segment: int, start: int, stop: int) -> np.ndarray:
-        return self.store.read_rows(cache(segment), start, stop)
+    def read_cache(self, segment: int, start: int, stop: int, setting: str | None = None) -> np.ndarray:
+        return self.store.read_rows(cache(segment, setting), start, stop)
 
-    def cache_names(self, segments: list[int]) -> list[str]:
-        """Array names of the caches of ``segments`` (for a streamed reader over the store)."""
-        return [cache(s) for s in segments]
+    def cache_names(self, segments: list[int], setting: str | None = None) -> list[str]:
+        """Array names of the caches of ``segments`` (for a streamed reader over the store),
+        of the counterfactual setting ``setting`` (a key; default: same steps)."""
+        return [cache(s, setting) for s in segments]
 
     def _flags(self, name: str, count: int) -> np.ndarray:
         """Done flags of ``name``; an array never created means nothing of it is done."""
@@ -406,12 +436,41 @@ class StoreLayout:
     def spectra_done(self) -> np.ndarray:
         return self._flags(SPECTRA_DONE, self.num_segments)
 
-    def caches_done(self, segment: int) -> np.ndarray:
-        return self._flags(cache_done(segment), len(self.chunks(segment)))
+    def caches_done(self, segment: int, setting: str | None = None) -> np.ndarray:
+        return self._flags(cache_done(segment, setting), len(self.chunks(segment)))
 
-    def is_complete(self) -> bool:
-        """Whether every cache chunk is in the store (what scoring needs)."""
-        return self.num_segments > 0 and all(bool(self.caches_done(s).all()) for s in range(self.num_segments))
+    def settings(self) -> dict[str, dict]:
+        """The recorded cache inputs of every counterfactual setting other than same steps, by key."""
+        return {name[len(_SETTING_PREFIX):]: dict(inputs) for name, inputs in self.stage_inputs().items()
+                if _is_setting_stage(name)}
+
+    def setting_segments(self, setting: str | None = None) -> list[int]:
+        """The segments a setting has caches for: every segment for same steps, else the
+        recorded segments of its attributed data set (none when it was never recorded)."""
+        if setting in (None, DEFAULT_SETTING):
+            return list(range(self.num_segments))
+        return [int(s) for s in self.settings().get(setting, {}).get("attributed", [])]
+
+    def is_complete(self, setting: str | None = None) -> bool:
+        """Whether every cache chunk of a setting (default: same steps) is in the store
+        (what scoring needs)."""
+        segments = self.setting_segments(setting)
+        return self.num_segments > 0 and bool(segments) and all(
+            bool(self.caches_done(s, setting).all()) for s in segments)
+
+    def settings_completion(self) -> dict[str, list[int]]:
+        """Per setting that has caches in the store (same steps included), ``[done, total]``
+        cache chunks of the segments it covers."""
+        found = {}
+        for setting in [DEFAULT_SETTING, *self.settings()]:
+            chunks = [0, 0]
+            for seg in self.setting_segments(setting):
+                done = self.caches_done(seg, setting)
+                chunks[0] += int(done.sum())
+                chunks[1] += done.size
+            if chunks[0]:
+                found[setting] = chunks
+        return found
 
     def completion(self) -> dict:
         """Counts of finished units per stage, as ``[done, total]`` pairs."""
@@ -434,6 +493,7 @@ class StoreLayout:
             "hessians": [int(self.hessians_done().sum()), self.num_checkpoints],
             "spectra": [int(self.spectra_done().sum()), self.num_segments],
             "caches": {"segments": caches_done, "chunks": cache_chunks},
+            "settings": self.settings_completion(),
             "complete": self.is_complete(),
         }
 
@@ -444,18 +504,25 @@ class StoreLayout:
 
     def stale(self, wanted: dict[str, dict]) -> list[str]:
         """The stages whose results were computed with other inputs than ``wanted``:
-        the first stage that differs and every stage after it (nothing is changed)."""
+        the first stage that differs and every stage after it, and the settings' cache
+        stages of ``wanted`` (``caches/{key}``) that differ or follow a stage that does
+        (nothing is changed). A setting never recorded is missing, not stale."""
         recorded = json.loads(json.dumps(self.stage_inputs()))
         if not recorded:
             return []
         wanted = json.loads(json.dumps(wanted))
         first = next((i for i, stage in enumerate(STAGES)
                       if stage in wanted and metadata_differences(recorded.get(stage, {}), wanted[stage])), None)
-        return [] if first is None else list(STAGES[first:])
+        invalid = [] if first is None else list(STAGES[first:])
+        for name in wanted:
+            if _is_setting_stage(name) and name in recorded and (invalid or recorded[name] != wanted[name]):
+                invalid.append(name)
+        return invalid
 
     def changes(self, wanted: dict[str, dict]) -> str:
         """The recorded stage inputs that differ from ``wanted``, as one line."""
         recorded = json.loads(json.dumps(self.stage_inputs()))
+        recorded = {name: inputs for name, inputs in recorded.items() if not _is_setting_stage(name) or name in wanted}
         return metadata_differences(recorded, json.loads(json.dumps(wanted)))
 
     def reconcile(self, wanted: dict[str, dict]) -> list[str]:
@@ -463,16 +530,26 @@ class StoreLayout:
 
         The first stage whose recorded inputs differ, and every stage after it, lose
         their done flags; then ``wanted`` is recorded. Returns the invalidated stages.
-        Clearing comes first: a job killed in between finds the old inputs recorded
-        and clears again, never stale results flagged done under new inputs.
+        A setting's caches (``caches/{key}`` in ``wanted``) lose theirs when their inputs
+        differ. When any stage is invalid, the caches of every recorded setting are
+        cleared and the records of those not in ``wanted`` dropped; the records of the
+        other settings are kept. Clearing comes first: a job killed in between finds the
+        old inputs recorded and clears again, never stale results flagged done under
+        new inputs.
         """
         recorded = json.loads(json.dumps(self.stage_inputs()))
         wanted = json.loads(json.dumps(wanted))
         invalid = self.stale(wanted)
         for stage in invalid:
             self._clear(stage)
-        if recorded != wanted:
-            self.store.group.attrs[STAGE_INPUTS] = wanted
+        kept = {name: inputs for name, inputs in recorded.items() if _is_setting_stage(name) and name not in wanted}
+        if invalid:
+            for name in kept:
+                self._clear(name)
+            kept = {}
+        new = {**kept, **wanted}
+        if recorded != new:
+            self.store.group.attrs[STAGE_INPUTS] = new
         return invalid
 
     def _clear(self, stage: str) -> None:
@@ -487,6 +564,9 @@ class StoreLayout:
             names = [(SPECTRA_DONE, self.num_segments)]
         elif stage == "caches":
             names = [(cache_done(s), len(self.chunks(s))) for s in range(self.num_segments)]
+        elif _is_setting_stage(stage):
+            setting = stage[len(_SETTING_PREFIX):]
+            names = [(cache_done(s, setting), len(self.chunks(s))) for s in range(self.num_segments)]
         for name, count in names:
             if self.store.has(name):
                 self.store.flags(name, count)[:] = False

@@ -137,28 +137,35 @@ class Source(AttributionMethod):
     times : list of float, optional
         Other segment times than the stored caches were made with: the training side
         is then computed in memory from the stored features and spectra.
+    setting : str, optional
+        The key of the counterfactual setting whose stored caches are read
+        (:attr:`srcproj.Counterfactual.key`; default: same steps).
     """
 
     name = "SOURCE"
 
     def __init__(self, context: Any, layout: Any, query: str, segments: list[int],
-                 times: list[float] | None = None) -> None:
+                 times: list[float] | None = None, setting: str | None = None) -> None:
         self.context, self.layout, self.query, self.segments, self.times = context, layout, query, segments, times
+        self.setting = setting
         self._training: Cache | None = None
 
     def protected_location(self) -> str | None:
         return self.layout.store.local_root
 
     def describe_scores(self) -> dict:
-        return {**super().describe_scores(), "store": str(self.layout.store.location), "segments": self.segments,
-                "query": self.query}
+        described = {**super().describe_scores(), "store": str(self.layout.store.location),
+                     "segments": self.segments, "query": self.query}
+        if self.times is None and self.setting is not None:
+            described["counterfactual"] = self.setting
+        return described
 
     def training_side(self) -> Cache:
         if self._training is not None:
             return self._training
         layout, ctx = self.layout, self.context
         if self.times is None:
-            self._training = store_cache(read_only(layout.store), layout.cache_names(self.segments),
+            self._training = store_cache(read_only(layout.store), layout.cache_names(self.segments, self.setting),
                                          layout.cache_dtype)
             return self._training
         spectra = [SegmentSpectrum(*layout.read_spectrum(s)) for s in range(layout.num_segments)]

@@ -328,16 +328,25 @@ class SpectrumStage:
 
 
 class CacheStage:
-    """Per segment, this rank's chunks of ``Ḡ_ℓ W_ℓᵀ`` (the mean feature of the segment's checkpoints)."""
+    """Per segment, this rank's chunks of ``Ḡ_ℓ W_ℓᵀ`` (the mean feature of the segment's checkpoints).
 
-    def __init__(self, context: AttributionContext, layout: StoreLayout, shard: Shard, times: list[float]) -> None:
+    ``times`` are the segment times of the counterfactual setting ``setting`` (its key;
+    ``None``: same steps, the store's own caches), whose caches of ``segments`` (default:
+    all) are computed.
+    """
+
+    def __init__(self, context: AttributionContext, layout: StoreLayout, shard: Shard, times: list[float],
+                 setting: str | None = None, segments: list[int] | None = None) -> None:
         self.context, self.layout, self.shard, self.times = context, layout, shard, times
+        self.setting = setting
+        self.segments = list(range(layout.num_segments)) if segments is None else list(segments)
 
     def run(self, spectra: list[SegmentSpectrum], report: FeaturizeReport, bar: tqdm) -> None:
         layout = self.layout
         operators = unrolling_operators(spectra, self.times, [layout.rows(s) for s in range(layout.num_segments)])
-        for seg, operator in enumerate(operators):
-            array, flags = layout.cache(seg), layout.cache_flags(seg)
+        for seg in self.segments:
+            operator = operators[seg]
+            array, flags = layout.cache(seg, self.setting), layout.cache_flags(seg, self.setting)
             done = flags[:]
             members = layout.members(seg)
             op_t = torch.from_numpy(operator.T.copy())
@@ -358,8 +367,13 @@ class CacheStage:
 
 
 def featurize(context: AttributionContext, layout: StoreLayout, collective: Collective, *, batch_size: int,
-              progress: bool, times: list[float], stage_inputs: dict) -> FeaturizeReport:
-    """Run every stage on this rank; return once the whole store is complete (on every rank)."""
+              progress: bool, times: list[float], stage_inputs: dict, setting: str | None = None,
+              cache_segments: list[int] | None = None) -> FeaturizeReport:
+    """Run every stage on this rank; return once the whole store is complete (on every rank).
+
+    ``times`` are the segment times of the counterfactual setting ``setting`` (its key;
+    ``None``: same steps), whose caches of ``cache_segments`` (default: all) are computed.
+    """
     report = FeaturizeReport(rank=collective.rank, world_size=collective.world_size)
     began = time.perf_counter()
     errors = DeferredErrors(collective)
@@ -367,7 +381,7 @@ def featurize(context: AttributionContext, layout: StoreLayout, collective: Coll
 
     def prepare() -> np.ndarray:
         report.recomputed_stages = layout.reconcile(stage_inputs)
-        layout.create()
+        layout.create(setting, cache_segments)
         for c in context.query_checkpoints("last_segment"):
             if not layout.has_checkpoint(c):
                 layout.save_checkpoint(c, context.load(c), context.digests[c])
@@ -401,7 +415,8 @@ def featurize(context: AttributionContext, layout: StoreLayout, collective: Coll
         report.preconditioner = "group learning-rate ratios"
     gradients = GradientStage(context, layout, shard, batch_size, report)
     total = sum(len(shard.chunks[layout.segment_of(c)]) for c in range(count))
-    total += count + sum(len(chunks) for chunks in shard.chunks.values())
+    cached = range(layout.num_segments) if cache_segments is None else cache_segments
+    total += count + sum(len(shard.chunks[seg]) for seg in cached)
     bar = tqdm(total=total, desc="srcproj featurize", unit="unit", disable=not progress or collective.rank != 0)
     try:
         if context.preconditioned:
@@ -446,7 +461,7 @@ def featurize(context: AttributionContext, layout: StoreLayout, collective: Coll
             spectra = errors.attempt(spectra_stage.run, report, False)
         bar.set_description("srcproj featurize: caches")
         with report.timing("caches"):
-            errors.attempt(CacheStage(context, layout, shard, times).run, spectra, report, bar)
+            errors.attempt(CacheStage(context, layout, shard, times, setting, cache_segments).run, spectra, report, bar)
         errors.agree()  # every rank's caches are written: the store is complete
         bar.set_description("srcproj featurize")
         shown = ", ".join(f"{kind} {seconds:.1f} s" for kind, seconds in report.stage_seconds.items())

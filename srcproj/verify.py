@@ -366,6 +366,10 @@ def _claims(layout: names.StoreLayout) -> list[_Claim]:
                              [[(names.features(c), "finite", False), (names.feature_scale(c), "finite", not scaled)]]))
     for s in range(layout.num_segments):
         claims.append(_Claim(names.cache_done(s), len(layout.chunks(s)), s, [[(names.cache(s), "finite", False)]]))
+    for setting in layout.settings():  # the caches of other counterfactual settings, beside them
+        for s in range(layout.num_segments):
+            claims.append(_Claim(names.cache_done(s, setting), len(layout.chunks(s)), s,
+                                 [[(names.cache(s, setting), "finite", False)]]))
     claims.append(_Claim(names.HESSIANS_DONE, layout.num_checkpoints, None,
                          [[(names.hessian(c), "symmetric", False)] for c in range(layout.num_checkpoints)]))
     claims.append(_Claim(names.SPECTRA_DONE, layout.num_segments, None,
