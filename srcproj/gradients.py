@@ -882,14 +882,20 @@ class GradientBackend(ABC):
         #: parameter entry (``param_names`` order), or ``None``: the rows are scaled by it
         #: before they are projected (docs/math.md §6), exactly, on every path.
         self.scale: Tensor | None = None
+        self._scale_copy: tuple | None = None
 
     def _scale_of(self, lo: int, hi: int, like: Tensor) -> Tensor:
         scale = self.scale
         assert scale is not None
-        part = scale[lo:hi]
-        if part.dtype != like.dtype or part.device != like.device:
-            part = part.to(like.device, like.dtype)
-        return part
+        if scale.dtype != like.dtype or scale.device != like.device:
+            # Converted once per scale, dtype and device, not per piece and batch (the
+            # source is kept with its copy, so a new scale is never mistaken for it).
+            source, dtype, device, copy = self._scale_copy or (None, None, None, None)
+            if source is not scale or dtype != like.dtype or device != like.device:
+                copy = scale.to(like.device, like.dtype)
+                self._scale_copy = (scale, like.dtype, like.device, copy)
+            scale = copy
+        return scale[lo:hi]
 
     def _footprint(self, trainable: dict, fixed: dict, x: Tensor) -> _Footprint:
         """One example's outputs and activations, from one forward pass of ``x[0]``

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,8 @@ from torch import Tensor, nn
 from .errors import CheckpointMismatchError, ConfigurationError
 
 __all__ = ["SGD", "Adam", "AdamW", "OptimizerSpec", "ParamGroup", "describe_torch_optimizer", "ResolvedOptimizer",
-           "resolve_optimizer", "split_checkpoint", "unwrap_optimizer", "with_named_groups", "CHECKPOINT_KEYS"]
+           "resolve_optimizer", "split_checkpoint", "unwrap_optimizer", "with_named_groups", "group_parameter_names",
+           "CHECKPOINT_KEYS"]
 
 #: The key pairs of a checkpoint saved as ``{"model": ..., "optimizer": ...}``.
 CHECKPOINT_KEYS = (("model", "optimizer"), ("model_state_dict", "optimizer_state_dict"))
@@ -99,7 +101,7 @@ def _groups(groups: Any) -> tuple[ParamGroup, ...]:
     return tuple(out)
 
 
-class OptimizerSpec:
+class OptimizerSpec(ABC):
     """What SOURCE needs of an optimizer: implemented by :class:`SGD` and :class:`Adam`."""
 
     kind: str = ""
@@ -112,12 +114,13 @@ class OptimizerSpec:
     #: applied to the parameters directly (AdamW).
     coupled_decay: bool = True
 
+    @abstractmethod
     def gain(self) -> float:
         """The factor between the sum of the learning rates and the segment's time."""
-        raise NotImplementedError
 
+    @abstractmethod
     def describe(self) -> dict:
-        raise NotImplementedError
+        """Plain data that identifies the optimizer's settings (JSON-able)."""
 
     def _describe_groups(self) -> list[dict]:
         return [{"params": list(g.params), "weight_decay": g.weight_decay, "lr_scale": g.lr_scale}
@@ -347,6 +350,15 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 
+def group_parameter_names(model: nn.Module, tensors: Sequence[Sequence[Tensor]]) -> list[list[str]] | None:
+    """The model's name of every tensor of an optimizer's groups, by identity; ``None``
+    when some tensor is not a parameter of ``model``."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    if any(id(p) not in by_id for group in tensors for p in group):
+        return None
+    return [[by_id[id(p)] for p in group] for group in tensors]
+
+
 # --------------------------------------------------------------------------- checkpoints
 def split_checkpoint(checkpoint: Any) -> tuple[Any, Mapping | None]:
     """``(model state, optimizer state or None)`` of a checkpoint as users save it:
@@ -517,10 +529,10 @@ def resolve_optimizer(optimizer: Any, model: nn.Module, param_names: Sequence[st
     if isinstance(optimizer, torch.optim.Optimizer):
         optimizer = unwrap_optimizer(optimizer)
         spec, tensors = describe_torch_optimizer(optimizer)
-        by_id = {id(p): n for n, p in named.items()}
         flat = [p for group in tensors for p in group]
-        if all(id(p) in by_id for p in flat):
-            names: list[str | None] = [by_id[id(p)] for p in flat]
+        grouped = group_parameter_names(model, tensors)
+        if grouped is not None:
+            names: list[str | None] = [n for group in grouped for n in group]
         else:
             # Not this model's tensors (another instance of the architecture): match by
             # the order the optimizer was built in, when it covered every parameter.

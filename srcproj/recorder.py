@@ -46,10 +46,11 @@ from .optimizer import (
     OptimizerSpec,
     ParamGroup,
     describe_torch_optimizer,
+    group_parameter_names,
     unwrap_optimizer,
     with_named_groups,
 )
-from .store import metadata_differences
+from .store import fsync_path, metadata_differences
 
 __all__ = ["TrajectoryRecorder", "load_trajectory", "read_manifest", "MANIFEST_NAME", "MANIFEST_FORMAT",
            "MANIFEST_VERSION"]
@@ -82,15 +83,9 @@ class _HashingWriter:
 
 def _fsync_directory(path: str) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. a platform that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
+        fsync_path(path)
+    except OSError:  # e.g. a platform that cannot open or fsync a directory
         pass
-    finally:
-        os.close(fd)
 
 
 def _write_atomically(path: str, write: Any) -> Any:
@@ -224,13 +219,14 @@ class TrajectoryRecorder:
         self.model = model
         self.optimizer = unwrap_optimizer(optimizer)
         spec, tensors = describe_torch_optimizer(self.optimizer)
-        by_id = {id(p): name for name, p in model.named_parameters()}
-        outside = [i for group in tensors for i, p in enumerate(group) if id(p) not in by_id]
-        if outside:
+        grouped = group_parameter_names(model, tensors)
+        if grouped is None:
+            known = {id(p) for p in model.parameters()}
+            outside = sum(id(p) not in known for group in tensors for p in group)
             raise ConfigurationError(
-                f"the optimizer holds {len(outside)} tensors that are not parameters of the model; record the model "
+                f"the optimizer holds {outside} tensors that are not parameters of the model; record the model "
                 "the optimizer trains")
-        self._group_names = [[by_id[id(p)] for p in group] for group in tensors]
+        self._group_names = grouped
         flat = [n for group in self._group_names for n in group]
         self.spec: OptimizerSpec = with_named_groups(spec, flat, [len(g) for g in tensors])
         self._scales = [float(g.lr_scale) for g in spec.groups]
@@ -423,11 +419,10 @@ class TrajectoryRecorder:
                 f"stage {stage!r} brings a new optimizer while the declared stages have steps to go; declare it "
                 "when the previous stages have ended")
         spec, tensors = describe_torch_optimizer(inner)
-        by_id = {id(p): name for name, p in self.model.named_parameters()}
-        if any(id(p) not in by_id for group in tensors for p in group):
+        names = group_parameter_names(self.model, tensors)
+        if names is None:
             raise ConfigurationError(f"stage {stage!r}: the new optimizer holds tensors that are not parameters of "
                                      "the recorded model")
-        names = [[by_id[id(p)] for p in group] for group in tensors]
         named = with_named_groups(spec, [n for g in names for n in g], [len(g) for g in tensors])
         if named.kind != self.spec.kind:
             raise ConfigurationError(
