@@ -13,6 +13,7 @@ from .errors import (
     StoreError,
     StoreMismatchError,
 )
+from .language_models import LanguageModelTask, SequenceClassificationTask
 from .method import AttributionMethod
 from .optimizer import SGD, Adam, AdamW
 from .projection import FastJLProjector, KroneckerProjector, MatrixProjector, Projector, RademacherProjector
@@ -37,6 +38,8 @@ __all__ = [
     "Task",
     "ClassificationTask",
     "RegressionTask",
+    "LanguageModelTask",
+    "SequenceClassificationTask",
     "Projector",
     "RademacherProjector",
     "KroneckerProjector",

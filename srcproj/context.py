@@ -177,10 +177,15 @@ class AttributionContext:
                 f"{context.optimizer_record['kind']}, or groups with different learning rates): it would break the "
                 "layers' rank-one gradients. Use the dense RademacherProjector (the default), which applies it "
                 "exactly, also on the fused Gauss-Newton pass")
+        # A loss that depends on the data (a language model's mean count of target
+        # tokens) is set from every distinct training example once, before any is used.
+        task.calibrate(targets for seg, source in enumerate(sources) if groups[seg] == seg
+                       for targets, _ in source.target_blocks())
         context.num_outputs = context._probe_outputs()
         for seg, source in enumerate(sources):
             if groups[seg] == seg:
-                task.validate_targets(source.all_targets(), context.num_outputs, source.what)
+                for targets, what in source.target_blocks():
+                    task.validate_targets(targets, context.num_outputs, what)
         context.estimator = choose_estimator(hessian, task, context.num_outputs, fisher_samples)
         context.trajectory = trajectory
         context.hessian_sample = None if hessian_sample is None else int(hessian_sample)
@@ -203,6 +208,7 @@ class AttributionContext:
                 f"the model does not match the store at {store.location!r}: its parameter names or shapes differ "
                 "(or other modules are attributed); pass the architecture the store was featurized with"
             )
+        task.calibrated_from(meta.get("task", {}))
         shown = metadata_differences(meta.get("task", {}), task.describe(), ("in the store", "now"))
         if shown:
             raise StoreMismatchError(f"the task does not match the store at {store.location!r} ({shown})")
@@ -606,7 +612,8 @@ class AttributionContext:
     def query_source(self, queries: Any) -> ExampleSource:
         """The query set, validated against the task."""
         source = ExampleSource(queries, "the query set", self.task)
-        self.task.validate_targets(source.all_targets(), self.num_outputs, source.what)
+        for targets, what in source.target_blocks():
+            self.task.validate_targets(targets, self.num_outputs, what)
         return source
 
     def hessian_rows(self, checkpoint: int, chunk: int, start: int, stop: int) -> np.ndarray | None:

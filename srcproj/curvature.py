@@ -20,6 +20,7 @@ Sums are accumulated in float64 whatever the model's precision.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import ClassVar
@@ -124,21 +125,37 @@ class SampledFisher(HessianEstimator):
     def describe(self) -> dict:
         return {"hessian": self.name, "fisher_samples": self.samples}
 
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator) -> list[Tensor]:
-        """``samples`` target sets drawn from the model's predictive distribution."""
-        return [self.task.sample_targets(outputs, generator) for _ in range(self.samples)]
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator, targets: Tensor) -> list[Tensor]:
+        """``samples`` target sets drawn from the model's predictive distribution
+        (``targets``, the true ones, go to a task that takes them: what they mask)."""
+        sample = self.task.sample_targets
+        if "targets" in inspect.signature(sample).parameters:
+            return [sample(outputs, generator, targets=targets) for _ in range(self.samples)]
+        return [sample(outputs, generator) for _ in range(self.samples)]
 
     def rows(self, features: list[Tensor]) -> Tensor:
         return torch.cat([f.to(torch.float64) / np.sqrt(self.samples) for f in features])
 
 
 class EmpiricalFisher(HessianEstimator):
-    """The stored true-label features themselves."""
+    """The stored true-label features themselves; for a task with its own
+    :meth:`~srcproj.Task.sampled_loss` (weighted token losses), the gradients of that
+    function at the true targets instead (``needs = "sampled_gradients"``)."""
 
     name = "empirical"
     needs = "features"
 
-    def rows(self, features: Tensor) -> Tensor:
+    def __init__(self, task: Task | None = None) -> None:
+        if task is not None and type(task).sampled_loss is not Task.sampled_loss:
+            self.needs = "sampled_gradients"
+
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator, targets: Tensor) -> list[Tensor]:
+        """The true targets: the empirical Fisher."""
+        return [targets]
+
+    def rows(self, features: Tensor | list[Tensor]) -> Tensor:
+        if isinstance(features, list):
+            return torch.cat([f.to(torch.float64) for f in features])
         return features.to(torch.float64)
 
 
@@ -163,7 +180,7 @@ def choose_estimator(name: str, task: Task, num_outputs: int, fisher_samples: in
         return ExactGaussNewton(task)
     if name == "fisher":
         return SampledFisher(task, fisher_samples)
-    return EmpiricalFisher()
+    return EmpiricalFisher(task)
 
 
 def empirical_hessian(feature_blocks: Iterable[np.ndarray], proj_dim: int) -> np.ndarray:

@@ -21,7 +21,7 @@ with the same fingerprint hold the same examples.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -98,6 +98,10 @@ class ExampleSource:
     def __init__(self, data: Any, what: str, task: Any = None) -> None:
         self.what = what
         self.data = data
+        collate = getattr(task, "collate", None)
+        #: The task's own way of batching examples (``Task.collate``: padding ragged
+        #: sequences), else the pairing and stacking below.
+        self._collate = collate if callable(collate) else None
         self._input_key: str | None = getattr(task, "input_key", None)
         self._target_key: str | None = getattr(task, "target_key", None)
         for attribute in ("input_key", "target_key"):
@@ -176,22 +180,33 @@ class ExampleSource:
 
     def _stack(self, indices, shown: str) -> tuple[Tensor, Tensor]:
         """The data set's examples at ``indices`` collated into ``(inputs, targets)``."""
+        if self._collate is not None:
+            batch = self._collate([self._dataset[i] for i in indices], f"{self.what}, {shown}")
+            if not (isinstance(batch, tuple) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
+                raise ConfigurationError(f"the task's collate() returned a {type(batch).__name__}; it must return "
+                                         "a pair (inputs, targets) of tensors")
+            return batch
         items = [self._pair(self._dataset[i], i) for i in indices]
         try:
             inputs, targets = default_collate(items)
         except (RuntimeError, TypeError) as exc:
             raise DataError(
                 f"{self.what}: {shown} cannot be stacked into a batch ({exc}); "
-                "every example must have the same input shape and target type"
+                "every example must have the same input shape and target type (token sequences of different "
+                "lengths: use srcproj.LanguageModelTask or SequenceClassificationTask, which pad them, or a task "
+                "with its own collate(); a recorded run's loader takes that task too: task=...)"
             ) from None
         return _as_tensor(inputs, f"{self.what}: x"), _as_tensor(targets, f"{self.what}: y")
 
-    def all_targets(self) -> Tensor:
-        """Every target, for validation."""
-        if self._tensors is not None:
-            return self._tensors[1]
-        parts = [self.rows(s, min(s + 4096, len(self)))[1] for s in range(0, len(self), 4096)]
-        return torch.cat(parts)
+    def target_blocks(self, block: int = 4096) -> Iterator[tuple[Tensor, str]]:
+        """Every target, for validation: ``(targets, what)`` per block of examples (a
+        task may pad each block to its own length, so blocks are not concatenated)."""
+        if self._tensors is not None or len(self) <= block:
+            yield self.rows(0, len(self))[1], self.what
+            return
+        for start in range(0, len(self), block):
+            stop = min(start + block, len(self))
+            yield self.rows(start, stop)[1], f"{self.what} (examples {start}..{stop - 1})"
 
     def fingerprint(self, block: int = 4096) -> str:
         """A hash of every example as it is read, computed once.

@@ -16,6 +16,7 @@ layer's factors. Projectors (srcproj.projection) only map.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import os
 from abc import ABC, abstractmethod
@@ -43,7 +44,7 @@ __all__ = ["GradientComputer", "ProjectedGradients", "GradientBackend", "VmapBac
            "checked_factored_layers", "factored_layers", "factored_split", "layer_bias_grads", "layer_inputs",
            "layer_weight_grads", "not_factored_reasons", "project_layer_inputs", "verify_factored"]
 
-KINDS = ("loss", "measurement")
+KINDS = ("loss", "measurement", "sampled_loss")
 
 
 def _tensor_digest(digest: hashlib._Hash, name: str, tensor: Tensor) -> None:
@@ -60,6 +61,16 @@ def _tensor_digest(digest: hashlib._Hash, name: str, tensor: Tensor) -> None:
 
 
 ModelOutputs = Callable[[Any], Tensor]  # what the model returned -> its (B, C) tensor (Task.model_outputs)
+ModelInputs = Callable[[Tensor], tuple[tuple, dict]]  # a batch -> the model's (args, kwargs) (Task.model_inputs)
+
+
+def _call(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, inputs: ModelInputs | None) -> Any:
+    """``model(*args, **kwargs)`` with ``params``, the arguments made from ``x`` by ``inputs``
+    (the task's :meth:`~srcproj.Task.model_inputs`; default: ``model(x)``)."""
+    if inputs is None:
+        return functional_call(model, dict(params), (x,))
+    args, kwargs = inputs(x)
+    return functional_call(model, dict(params), tuple(args), dict(kwargs))
 
 
 def _checked_outputs(value: Any, outputs: ModelOutputs) -> Tensor:
@@ -83,7 +94,7 @@ class FactoredLayer:
     """
 
     module: str  # name in model.named_modules()
-    kind: str  # "linear" or "conv2d"
+    kind: str  # "linear", "conv1d" (transformers' Conv1D: y = x W + b, W stored d_in × d_out) or "conv2d"
     weight: str  # parameter name of the weight
     bias: str | None  # parameter name of the bias when it is attributed
     d_out: int  # output features (Linear) or channels (Conv2d)
@@ -93,6 +104,31 @@ class FactoredLayer:
     def d_in_total(self) -> int:
         """Inputs per output including the bias column of ones."""
         return self.d_in + (1 if self.bias is not None else 0)
+
+    @property
+    def position_wise(self) -> bool:
+        """Whether each position's input is one vector of ``d_in`` (Linear, Conv1D)."""
+        return self.kind != "conv2d"
+
+    def as_weight(self, matrices: Tensor) -> Tensor:
+        """``(..., d_out, d_in)`` gradients in the weight's own flattening order, ``(..., d_out · d_in)``."""
+        if self.kind == "conv1d":  # the weight is stored transposed, d_in × d_out
+            matrices = matrices.transpose(-1, -2)
+        return matrices.reshape(*matrices.shape[:-2], -1)
+
+    def from_weight(self, flat: Tensor) -> Tensor:
+        """Rows in the weight's flattening order, ``(..., d_out · d_in)``, as ``(..., d_out, d_in)``."""
+        if self.kind == "conv1d":
+            return flat.reshape(*flat.shape[:-1], self.d_in, self.d_out).transpose(-1, -2)
+        return flat.reshape(*flat.shape[:-1], self.d_out, self.d_in)
+
+
+def _conv1d_class(module: nn.Module) -> type | None:
+    """transformers' ``Conv1D`` among the module's classes (transformers is never imported here)."""
+    for kind in type(module).__mro__:
+        if kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers."):
+            return kind
+    return None
 
 
 def _factorable(module: nn.Module) -> tuple[str | None, str]:
@@ -109,14 +145,20 @@ def _factorable(module: nn.Module) -> tuple[str | None, str]:
         if module.padding_mode != "zeros":
             return None, f"Conv2d with padding_mode={module.padding_mode!r}"
         return "conv2d", ""
-    return None, f"{type(module).__name__} is neither Linear nor Conv2d"
+    conv1d = _conv1d_class(module)
+    if conv1d is not None:
+        if type(module).forward is not conv1d.forward:
+            return None, f"{type(module).__name__} overrides Conv1D.forward"
+        return "conv1d", ""
+    return None, f"{type(module).__name__} is neither Linear, transformers' Conv1D nor Conv2d"
 
 
 def factored_layers(model: nn.Module, param_names: Sequence[str]) -> tuple[list[FactoredLayer], list[str]]:
     """Split the attributed parameters into factored layers and the other parameters.
 
-    A layer is factored when it is an ``nn.Linear`` or an ``nn.Conv2d`` (``groups=1``,
-    zero padding, the stock ``forward``) whose weight is attributed; its bias joins it
+    A layer is factored when it is an ``nn.Linear``, a ``transformers`` ``Conv1D`` or an
+    ``nn.Conv2d`` (``groups=1``, zero padding), with its class's own ``forward``, whose
+    weight is attributed; its bias joins it
     when attributed too. Every other attributed parameter (LayerNorm, embeddings, other
     layer types, a bias whose weight is frozen) is returned in the second list, in
     ``param_names`` order.
@@ -131,8 +173,11 @@ def factored_layers(model: nn.Module, param_names: Sequence[str]) -> tuple[list[
             continue
         bias_name = f"{name}.bias" if name else "bias"
         bias = bias_name if module.bias is not None and bias_name in wanted else None
-        d_out = int(module.weight.shape[0])
-        d_in = int(module.weight[0].numel())
+        if kind == "conv1d":
+            d_in, d_out = (int(n) for n in module.weight.shape)
+        else:
+            d_out = int(module.weight.shape[0])
+            d_in = int(module.weight[0].numel())
         layers.append(FactoredLayer(name, kind, weight, bias, d_out, d_in))
         claimed.update({weight} | ({bias} if bias else set()))
     return layers, [n for n in param_names if n not in claimed]
@@ -155,7 +200,7 @@ def not_factored_reasons(model: nn.Module, param_names: Sequence[str]) -> dict[s
 
 
 def _check_input(layer: FactoredLayer, x: Tensor) -> None:
-    if layer.kind == "linear" and x.ndim < 2:
+    if layer.position_wise and x.ndim < 2:
         raise DataError(f"layer {layer.module!r} received an input of shape {tuple(x.shape)}; "
                         "the factored projection needs a batch dimension")
     if layer.kind == "conv2d" and x.ndim != 4:
@@ -166,7 +211,7 @@ def _check_input(layer: FactoredLayer, x: Tensor) -> None:
 def layer_inputs(layer: FactoredLayer, module: nn.Module, x: Tensor) -> Tensor:
     """The layer's inputs ``a_t`` as ``(B, T, d_in)``: positions (or Conv2d patches) in the middle."""
     _check_input(layer, x)
-    if layer.kind == "linear":
+    if layer.position_wise:
         return x.reshape(x.shape[0], -1, layer.d_in)
     padding = module.padding
     if isinstance(padding, str):  # "same" / "valid": pad explicitly as Conv2d does
@@ -189,7 +234,7 @@ def project_layer_inputs(layer: FactoredLayer, module: nn.Module, x: Tensor, p_i
     if x.dtype != p_in.dtype:
         x = x.to(p_in.dtype)
     weight = p_in[:, : layer.d_in]
-    if layer.kind == "linear":
+    if layer.position_wise:
         projected = x.reshape(x.shape[0], -1, layer.d_in) @ weight.T
     else:
         kernel = weight.reshape(p_in.shape[0], *module.weight.shape[1:])
@@ -202,7 +247,7 @@ def project_layer_inputs(layer: FactoredLayer, module: nn.Module, x: Tensor, p_i
 
 def _layer_delta(layer: FactoredLayer, grad_out: Tensor) -> Tensor:
     """The output gradient as ``(B, T, d_out)``."""
-    if layer.kind == "linear":
+    if layer.position_wise:
         return grad_out.reshape(grad_out.shape[0], -1, layer.d_out)
     return grad_out.reshape(grad_out.shape[0], layer.d_out, -1).transpose(1, 2)
 
@@ -222,17 +267,20 @@ def layer_weight_grads(layer: FactoredLayer, module: nn.Module, inputs: Sequence
     size = batch * layer.d_out * layer.d_in
     if out is None:
         out = torch.empty(size, dtype=deltas[0].dtype, device=deltas[0].device)
-    total = out.view(-1)[:size].view(batch, layer.d_out, layer.d_in)
+    rows, cols = (layer.d_in, layer.d_out) if layer.kind == "conv1d" else (layer.d_out, layer.d_in)
+    total = out.view(-1)[:size].view(batch, rows, cols)
     for call, (x, delta) in enumerate(zip(inputs, deltas, strict=True)):
         a = layer_inputs(layer, module, x)  # (B, T, d_in)
+        # Conv1D stores its weight d_in × d_out, so its gradient is Σ_t a_t δ_tᵀ.
+        left, right = (a, delta) if layer.kind == "conv1d" else (delta, a)
         if call and a.shape[1] == 1:
-            total.addcmul_(delta[:, 0, :, None], a[:, 0, None, :])
+            total.addcmul_(left[:, 0, :, None], right[:, 0, None, :])
         elif call:
-            total.baddbmm_(delta.transpose(1, 2), a)
+            total.baddbmm_(left.transpose(1, 2), right)
         elif a.shape[1] == 1:
-            torch.mul(delta[:, 0, :, None], a[:, 0, None, :], out=total)
+            torch.mul(left[:, 0, :, None], right[:, 0, None, :], out=total)
         else:
-            torch.bmm(delta.transpose(1, 2), a, out=total)
+            torch.bmm(left.transpose(1, 2), right, out=total)
     return total.view(batch, -1)
 
 
@@ -264,8 +312,10 @@ class LayerCapture:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[FactoredLayer],
-                 input_fn: Callable[[int, nn.Module, Tensor], object], outputs: ModelOutputs | None = None) -> None:
+                 input_fn: Callable[[int, nn.Module, Tensor], object], outputs: ModelOutputs | None = None,
+                 inputs: ModelInputs | None = None) -> None:
         self.model = model
+        self.model_inputs = inputs
         self.layers = list(layers)
         self.input_fn = input_fn
         self.outputs = default_model_outputs if outputs is None else outputs
@@ -289,7 +339,7 @@ class LayerCapture:
         handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
         try:
             with torch.enable_grad():
-                output = functional_call(self.model, dict(params), (x,))
+                output = _call(self.model, params, x, self.model_inputs)
         except RuntimeError as exc:
             raise DataError(f"the model failed on inputs of shape {tuple(x.shape)} (batch first): {exc}") from exc
         finally:
@@ -318,7 +368,8 @@ class LayerCapture:
 
 
 def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: Mapping[str, Tensor],
-                    x: Tensor, tolerance: float = 1e-3, outputs: ModelOutputs | None = None) -> list[str]:
+                    x: Tensor, tolerance: float = 1e-3, outputs: ModelOutputs | None = None,
+                    inputs: ModelInputs | None = None) -> list[str]:
     """Modules among ``layers`` whose per-example weight gradient on ``x`` is not ``Σ_t δ_t a_tᵀ``
     (or whose attributed bias gradient is not ``Σ_t δ_t``).
 
@@ -333,7 +384,7 @@ def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: M
         return []
     outputs_of = default_model_outputs if outputs is None else outputs
     capture = LayerCapture(model, layers, lambda index, module, a: layer_inputs(layers[index], module, a).clone(),
-                           outputs_of)
+                           outputs_of, inputs)
     batch_outputs = capture.forward(params, x)
     with torch.enable_grad():  # the caller may be under no_grad: keep the graph
         flat = batch_outputs.reshape(batch_outputs.shape[0], -1)
@@ -345,7 +396,7 @@ def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: M
     for b in range(x.shape[0]):  # plain autograd, one example at a time
         leaves = {n: params[n].detach().clone().requires_grad_(True) for n in names}
         with torch.enable_grad():
-            out = outputs_of(functional_call(model, {**params, **leaves}, (x[b:b + 1],)))
+            out = outputs_of(_call(model, {**params, **leaves}, x[b:b + 1], inputs))
             grads = torch.autograd.grad((out.reshape(-1) * weights).sum(), list(leaves.values()), allow_unused=True)
         for n, g in zip(names, grads, strict=True):
             reference[n].append(torch.zeros_like(leaves[n]) if g is None else g)
@@ -356,7 +407,7 @@ def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: M
 
     failed = []
     for index, layer in enumerate(layers):
-        want = torch.stack(reference[layer.weight]).reshape(x.shape[0], layer.d_out, layer.d_in)
+        want = layer.from_weight(torch.stack(reference[layer.weight]).reshape(x.shape[0], -1))
         have = torch.zeros_like(want)
         for a, d in zip(capture.inputs[index], deltas[index], strict=True):
             have = have + torch.einsum("btk,btj->bkj", d, a)
@@ -374,7 +425,7 @@ def verify_factored(model: nn.Module, layers: Sequence[FactoredLayer], params: M
 
 def checked_factored_layers(model: nn.Module, param_names: Sequence[str], params: Mapping[str, Tensor] | None,
                             example: Tensor | None, outputs: ModelOutputs | None = None,
-                            ) -> tuple[list[FactoredLayer], list[str], list[str]]:
+                            inputs: ModelInputs | None = None) -> tuple[list[FactoredLayer], list[str], list[str]]:
     """:func:`factored_layers`, less the layers that fail :func:`verify_factored` on ``example``.
 
     Returns ``(layers, other parameters in param_names order, demoted modules)``. Without
@@ -387,7 +438,7 @@ def checked_factored_layers(model: nn.Module, param_names: Sequence[str], params
         return layers, others, []
     state = dict(params) if params is not None else {**dict(model.named_parameters()),
                                                      **dict(model.named_buffers())}
-    demoted = verify_factored(model, layers, state, example, outputs=outputs)
+    demoted = verify_factored(model, layers, state, example, outputs=outputs, inputs=inputs)
     if not demoted:
         return layers, others, []
     kept = [layer for layer in layers if layer.module not in demoted]
@@ -408,7 +459,7 @@ class FactoredSplit:
 
 def factored_split(model: nn.Module, param_names: Sequence[str] | None = None,
                    params: Mapping[str, Tensor] | None = None, example: Tensor | None = None,
-                   outputs: ModelOutputs | None = None) -> FactoredSplit:
+                   outputs: ModelOutputs | None = None, inputs: ModelInputs | None = None) -> FactoredSplit:
     """:func:`checked_factored_layers` of ``param_names`` (default: every parameter with
     ``requires_grad``), with the sizes of the parameters and why the others are not factored.
 
@@ -422,7 +473,7 @@ def factored_split(model: nn.Module, param_names: Sequence[str] | None = None,
     unknown = [n for n in names if n not in named]
     if unknown:
         raise ConfigurationError(f"parameters {unknown[:5]} are not in the model")
-    layers, others, demoted = checked_factored_layers(model, names, params, example, outputs)
+    layers, others, demoted = checked_factored_layers(model, names, params, example, outputs, inputs)
     reasons = not_factored_reasons(model, names) if others else {}
     reasons.update({n: "used outside its module" for n in others if n.rpartition(".")[0] in demoted})
     return FactoredSplit(names, {n: int(named[n].numel()) for n in names}, layers, others,
@@ -485,6 +536,57 @@ class GradientPieces(Sequence[Tensor]):
         return torch.cat([self[i] for i in range(len(self.sizes))], dim=1)
 
 
+def _module_parameters(model: nn.Module, modules: Sequence[str]) -> list[str]:
+    """The trainable parameters of the modules named or matched (``fnmatch`` patterns
+    such as ``"*.mlp.*"``) by ``modules``: in the entries' order, each module's in its
+    ``named_parameters()`` order, each parameter once."""
+    if isinstance(modules, str):
+        modules = [modules]
+    known = dict(model.named_modules())
+    chosen: dict[str, None] = {}  # ordered: the entries' order, each module's own within it
+    for entry in modules:
+        if not isinstance(entry, str):
+            raise ConfigurationError(f"modules holds a {type(entry).__name__}; give module names or patterns (str)")
+        matched = [entry] if entry in known else [m for m in known if m and fnmatch.fnmatchcase(m, entry)]
+        if not matched:
+            raise ConfigurationError(
+                f"modules entry {entry!r} names no module of the model and matches none as a pattern; known modules "
+                f"include {[m for m in known if m][:10]}"
+            )
+        found = [f"{m}.{p}" if m else p for m in matched for p, param in known[m].named_parameters()
+                 if param.requires_grad]
+        if not found:
+            raise ConfigurationError(f"modules entry {entry!r} has no trainable parameters (requires_grad); only "
+                                     "what training changed can be attributed")
+        chosen.update(dict.fromkeys(found))
+    return list(chosen)
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """Every other name of a tied parameter -> its name in ``model.named_parameters()``."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owner = first.setdefault(id(param), name)
+        if owner != name:
+            tied[name] = owner
+    return tied
+
+
+@contextlib.contextmanager
+def _vmappable_attention() -> Iterator[None]:
+    """Scaled dot-product attention through its plain math under vmap: the fused
+    kernels have no batching rule (torch warns of a performance drop at every call and
+    loops over the examples); the math kernel is batched, and the same function."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch without the attention module
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
 class GradientComputer:
     """Per-example gradients of a task's loss and measurement for a model.
 
@@ -496,8 +598,9 @@ class GradientComputer:
     task : Task
         Loss and measurement.
     modules : sequence of str, optional
-        Names of submodules (as in ``model.named_modules()``) whose parameters are
-        attributed; by default every parameter with ``requires_grad``.
+        Submodules whose trainable parameters are attributed: names as in
+        ``model.named_modules()`` or ``fnmatch`` patterns of them (``"*.mlp.*"``); by
+        default every parameter with ``requires_grad`` (a LoRA model: its adapters).
 
     Raises
     ------
@@ -525,25 +628,18 @@ class GradientComputer:
         elif modules is None:
             names = [n for n, p in named.items() if p.requires_grad]
         else:
-            known = dict(model.named_modules())
-            unknown = [m for m in modules if m not in known]
-            if unknown:
-                raise ConfigurationError(
-                    f"modules {unknown} are not in the model; known modules include "
-                    f"{[m for m in known if m][:10]}"
-                )
-            names = []
-            for module_name in modules:
-                for pname, _ in known[module_name].named_parameters():
-                    full = f"{module_name}.{pname}" if module_name else pname
-                    if full not in names:
-                        names.append(full)
+            names = _module_parameters(model, modules)
         if not names:
             raise ConfigurationError("no trainable parameters were selected")
         self.param_names: list[str] = names
         self.param_shapes = {n: tuple(named[n].shape) for n in names}
         self.num_params = sum(int(named[n].numel()) for n in names)
         self._reference = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        #: Tied parameters (an output layer sharing the embedding matrix): each other name
+        #: of a parameter -> the name ``named_parameters()`` gives it. A tied parameter is
+        #: one parameter: only that name is passed to the model, so its gradient is the
+        #: sum over all its uses (docs/math.md §9).
+        self.tied: dict[str, str] = _tied_names(model)
 
     # ------------------------------------------------------------------ checkpoints
     def fingerprint(self) -> str:
@@ -601,6 +697,13 @@ class GradientComputer:
                 f"{label} has {have} values, the model has {want}: was it saved from another "
                 f"architecture? ({'; '.join(details)})"
             )
+        for alias, name in self.tied.items():
+            if isinstance(state[alias], Tensor) and not torch.equal(state[alias], state[name]):
+                raise CheckpointMismatchError(
+                    f"{label}: {alias!r} and {name!r} differ, but the model ties them (one parameter); the "
+                    "checkpoint was saved from an untied model. Load it into the architecture it was trained as "
+                    "(e.g. tie_word_embeddings=False in the model's config)"
+                )
         return dict(state), optimizer_state
 
     def checkpoint_digest(self, state: Mapping[str, Tensor]) -> str:
@@ -663,15 +766,26 @@ class GradientComputer:
         in eval mode a random operation is an error, as torch.func makes it by default."""
         return "different" if self.model.training else "error"
 
+    def inputs(self, x: Tensor) -> tuple[tuple, dict]:
+        """The model's ``(args, kwargs)`` for a batch ``x`` (:meth:`Task.model_inputs`)."""
+        made = self.task.model_inputs(x)
+        if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], (tuple, list))
+                and isinstance(made[1], Mapping)):
+            raise ConfigurationError(f"{type(self.task).__name__}.model_inputs returned a {type(made).__name__}; it "
+                                     "must return (args, kwargs): a tuple of positional arguments and a dict")
+        return made
+
     def outputs(self, output: Any) -> Tensor:
         """The tensor of shape ``(B, C)`` the task reads from what the model returned
         (:meth:`Task.model_outputs`)."""
         return _checked_outputs(self.task.model_outputs(output), self.task.model_outputs)
 
     def split(self, state: Mapping[str, Tensor], device: torch.device) -> tuple[dict, dict]:
-        """``(attributed parameters, everything else)`` moved to ``device``."""
+        """``(attributed parameters, everything else)`` moved to ``device``; the other
+        names of tied parameters are left out (the model reads them through the one name)."""
         trainable = {n: state[n].detach().to(device) for n in self.param_names}
-        fixed = {n: v.to(device) for n, v in state.items() if n not in trainable and isinstance(v, Tensor)}
+        fixed = {n: v.to(device) for n, v in state.items()
+                 if n not in trainable and n not in self.tied and isinstance(v, Tensor)}
         return trainable, fixed
 
     def _prepare(self, x: Tensor, y: Tensor, trainable: dict, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -691,13 +805,15 @@ class GradientComputer:
             return self.task.loss
         if kind == "measurement":
             return self.task.measurement
+        if kind == "sampled_loss":
+            return self.task.sampled_loss
         raise ConfigurationError(f"kind={kind!r}; choose one of {KINDS}")
 
     def forward(self, trainable: dict, fixed: dict, x: Tensor) -> Tensor:
         """The model's outputs on ``x`` with a checkpoint's tensors: the tensor the task
         reads (:meth:`outputs`), whatever the model returns."""
         try:
-            output = functional_call(self.model, {**trainable, **fixed}, (x,))
+            output = _call(self.model, {**trainable, **fixed}, x, self.inputs)
         except RuntimeError as exc:
             raise DataError(
                 f"the model failed on inputs of shape {tuple(x.shape)} (batch first): {exc}"
@@ -721,15 +837,16 @@ class GradientComputer:
 
     def _per_example(self, fn, trainable: dict, fixed: dict, x: Tensor, y: Tensor,
                      names: Sequence[str] | None = None, pieces: bool = False) -> Tensor | list[Tensor]:
-        model, outputs = self.model, self.outputs
+        model, outputs, inputs = self.model, self.outputs, self.inputs
         trainable, fixed = self._subset(trainable, fixed, names)
 
         def single(params: dict, xi: Tensor, yi: Tensor) -> Tensor:
-            out = outputs(functional_call(model, {**params, **fixed}, (xi.unsqueeze(0),)))
+            out = outputs(_call(model, {**params, **fixed}, xi.unsqueeze(0), inputs))
             return fn(out, yi.unsqueeze(0)).sum()
 
         try:
-            grads = vmap(grad(single), in_dims=(None, 0, 0), randomness=self._randomness)(trainable, x, y)
+            with _vmappable_attention():
+                grads = vmap(grad(single), in_dims=(None, 0, 0), randomness=self._randomness)(trainable, x, y)
         except RuntimeError as exc:
             raise DataError(
                 f"per-example gradients failed on inputs of shape {tuple(x.shape)} "
@@ -762,7 +879,7 @@ class GradientComputer:
         """
         fn = self.objective(kind)
         batch = x.shape[0]
-        capture = LayerCapture(self.model, layers, input_fn, self.outputs)
+        capture = LayerCapture(self.model, layers, input_fn, self.outputs, self.inputs)
         outputs = capture.forward({**trainable, **fixed}, x)
         try:
             with torch.enable_grad():
@@ -797,14 +914,15 @@ class GradientComputer:
         """
         device = next(iter(trainable.values())).device
         x, _ = self._prepare(x, torch.zeros(0), trainable, device)
-        model, outputs = self.model, self.outputs
+        model, outputs, inputs = self.model, self.outputs, self.inputs
         outer_trainable, outer_fixed = trainable, fixed
         trainable, fixed = self._subset(trainable, fixed, names)
 
         def single(params: dict, xi: Tensor) -> Tensor:
-            return outputs(functional_call(model, {**params, **fixed}, (xi.unsqueeze(0),))).reshape(-1)
+            return outputs(_call(model, {**params, **fixed}, xi.unsqueeze(0), inputs)).reshape(-1)
 
-        jac = vmap(jacrev(single), in_dims=(None, 0), randomness=self._randomness)(trainable, x)
+        with _vmappable_attention():
+            jac = vmap(jacrev(single), in_dims=(None, 0), randomness=self._randomness)(trainable, x)
         with torch.no_grad():
             outputs = self.forward(outer_trainable, outer_fixed, x)
         return self._flatten(jac, 2, names), outputs.reshape(outputs.shape[0], -1)
@@ -1049,7 +1167,8 @@ def _layer_output_jacobians(layer: FactoredLayer, module: nn.Module, inputs: Seq
         if layer.bias is not None:
             summed = delta.sum(dim=2)
             bias = summed if bias is None else bias.add_(summed)
-    return weight.view(weight.shape[0], len(deltas), -1), bias
+    weight = weight.view(weight.shape[0], len(deltas), layer.d_out, layer.d_in)
+    return layer.as_weight(weight), bias
 
 
 class DenseHookBackend(GradientBackend):
@@ -1103,7 +1222,7 @@ class DenseHookBackend(GradientBackend):
             return VmapBackend(computer, projector)
         try:
             layers, others, _ = checked_factored_layers(computer.model, computer.param_names, params, example,
-                                                        computer.outputs)
+                                                        computer.outputs, computer.inputs)
         except (DataError, RuntimeError, ValueError, TypeError, KeyError):
             return VmapBackend(computer, projector)  # the hooks are only a speed-up
         if not layers:
@@ -1215,7 +1334,8 @@ class DenseHookBackend(GradientBackend):
         rows of the other parameters to ``projected`` ``(b, C, k)``."""
         computer = self.computer
         batch, num_outputs = x.shape[0], outputs.shape[1]
-        capture = LayerCapture(computer.model, self.layers, lambda index, module, a: a.clone(), computer.outputs)
+        capture = LayerCapture(computer.model, self.layers, lambda index, module, a: a.clone(), computer.outputs,
+                               computer.inputs)
         with torch.enable_grad():  # the caller may be under no_grad: keep the graph
             result = capture.forward({**trainable, **fixed}, x).reshape(batch, -1)
         if result.shape[1] != num_outputs:
@@ -1331,7 +1451,7 @@ class FactoredBackend(GradientBackend):
         """Lay the projector out over the layers that pass the check on ``example``."""
         computer = self.computer
         self.projector.lay_out(factored_split(computer.model, computer.param_names, params, example,
-                                              computer.outputs))
+                                              computer.outputs, computer.inputs))
 
     def _refuse_scale(self) -> None:
         if self.scale is not None:
@@ -1382,7 +1502,7 @@ class FactoredBackend(GradientBackend):
         layers = projector.require_bound(computer.param_names)
         reference = next(iter(trainable.values()))
         dtype, device, batch = reference.dtype, reference.device, x.shape[0]
-        capture = LayerCapture(computer.model, layers, projector.project_inputs, computer.outputs)
+        capture = LayerCapture(computer.model, layers, projector.project_inputs, computer.outputs, computer.inputs)
         with torch.enable_grad():  # the caller may be under no_grad: keep the graph
             outputs = capture.forward({**trainable, **fixed}, x).reshape(batch, -1)
         num_outputs = outputs.shape[1]

@@ -392,6 +392,9 @@ class ResolvedOptimizer:
     group_sizes: list[int] | None
     #: Whether a live torch optimizer gave the groups (else a description did).
     live: bool = True
+    #: Every parameter of the model in ``named_parameters()`` order (a description's
+    #: fallback for one saved group over all of them, frozen ones included).
+    every_parameter: list[str] | None = None
 
     @property
     def uniform_lr(self) -> bool:
@@ -431,6 +434,11 @@ class ResolvedOptimizer:
         saved_names = [n for g in groups for n in g.get("param_names", ())]
         if saved_names and len(saved_names) == sum(saved_sizes):
             names = [n if n in shapes else None for n in saved_names]
+        elif (not self.live and len(saved_sizes) == 1 and self.every_parameter is not None
+              and saved_sizes[0] == len(self.every_parameter) != sum(self.group_sizes or [0])):
+            # One group over model.parameters(), frozen ones included (a LoRA model's
+            # optimizer built over all of them): the model's order maps it.
+            names = [n if n in shapes else None for n in self.every_parameter]
         elif names is None or self.group_sizes != saved_sizes:
             if not spec.adaptive:
                 return {}  # SGD's state is not read: without a mapping its groups' decays cannot be checked
@@ -578,7 +586,7 @@ def resolve_optimizer(optimizer: Any, model: nn.Module, param_names: Sequence[st
                 scales[name] = float(group.lr_scale)
     trainable = [n for n, p in named.items() if p.requires_grad]
     return ResolvedOptimizer(optimizer, decays, scales, [n if n in attributed else None for n in trainable],
-                             [len(trainable)], live=False)
+                             [len(trainable)], live=False, every_parameter=list(named))
 
 
 def with_named_groups(spec: OptimizerSpec, names: Sequence[str | None], sizes: Sequence[int]) -> OptimizerSpec:

@@ -232,13 +232,13 @@ class GradientStage:
         picked = np.arange(start, stop) if sampled is None else sampled
         for lo in range(0, picked.size, self.batch_size):
             batch = picked[lo:lo + self.batch_size]
-            x, _ = source.rows(int(batch[0]), int(batch[-1]) + 1) if sampled is None else source.take(batch)
+            x, y = source.rows(int(batch[0]), int(batch[-1]) + 1) if sampled is None else source.take(batch)
             with report.timing("gradients"):
-                xs, _ = ctx.computer.prepare(trainable, x, torch.zeros(0))
+                xs, ys = ctx.computer.prepare(trainable, x, y)
                 with torch.no_grad():
                     outputs = ctx.computer.forward(trainable, fixed, xs)
-                pseudo = [ctx.gradients.features(trainable, fixed, x, targets, "loss")
-                          for targets in estimator.sample_targets(outputs, generator)]
+                pseudo = [ctx.gradients.features(trainable, fixed, x, targets, "sampled_loss")
+                          for targets in estimator.sample_targets(outputs, generator, ys)]
             with report.timing("hessians"):
                 rows = estimator.rows(pseudo)
                 check_finite_rows(rows, 0, f"checkpoint {checkpoint}: the Gauss-Newton vectors of examples "

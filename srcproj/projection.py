@@ -518,7 +518,7 @@ def _ragged_scale(major: int, minor: int, dims: int) -> Tensor | None:
 
 
 class KroneckerProjector(Projector):
-    """Factored (Kronecker) projection for Linear and Conv2d layers, never forming a gradient.
+    """Factored (Kronecker) projection for Linear, Conv1D and Conv2d layers, never forming a gradient.
 
     The per-example gradient of a Linear layer is ``Σ_t δ_t a_tᵀ`` (``a``: the layer's
     inputs, ``δ``: the gradient in its outputs, ``t`` over positions of sequence inputs;
@@ -641,7 +641,7 @@ class KroneckerProjector(Projector):
         layers, others, names = list(split.layers), list(split.others), list(split.param_names)
         if not layers:
             raise ConfigurationError(
-                "KroneckerProjector found no Linear or Conv2d layer among the attributed parameters "
+                "KroneckerProjector found no Linear, Conv1D or Conv2d layer among the attributed parameters "
                 f"({len(names)} tensors); use RademacherProjector (the default) for this model"
             )
         if others and self.other_params == "refuse":
@@ -820,12 +820,12 @@ class KroneckerProjector(Projector):
             raise ConfigurationError(
                 f"the gradients have {grads.shape[1]} parameters but the projector was bound to {expected}"
             )
-        batch, parts = grads.shape[0], []
+        parts = []
         dtype = accumulation_dtype(grads.dtype)
         for index, layer in enumerate(layers):
             p_out, p_in = self.layer_matrices(index, dtype, grads.device)  # identity factors: exact products
             lo, hi = self._offsets[layer.weight]
-            weight = grads[:, lo:hi].to(dtype).reshape(batch, layer.d_out, layer.d_in)  # one layer at a time
+            weight = layer.from_weight(grads[:, lo:hi].to(dtype))  # (B, d_out, d_in), one layer at a time
             outer = p_out @ (weight @ p_in[:, : layer.d_in].T)  # (B, k_out, k_in)
             if layer.bias is not None:
                 lo, hi = self._offsets[layer.bias]

@@ -601,7 +601,7 @@ def _without_names(description: Mapping) -> dict:
 
 
 def load_trajectory(path: str | os.PathLike, data: Mapping[str, Any], optimizer: Any = None, *,
-                    verify: bool = True) -> Any:
+                    verify: bool = True, task: Any = None) -> Any:
     """The :class:`~srcproj.Trajectory` of a recorded run (its completed segments).
 
     Parameters
@@ -616,6 +616,10 @@ def load_trajectory(path: str | os.PathLike, data: Mapping[str, Any], optimizer:
         AdamW, with its parameter groups by name) is used.
     verify : bool
         Check every checkpoint file against the SHA-256 recorded when it was written.
+    task : Task, optional
+        The task the recorder was given, when it batches examples itself (a
+        :class:`~srcproj.language_models.LanguageModelTask` pads ragged sequences): the
+        data are read, and fingerprinted, as it reads them.
     """
     from .trajectory import Segment, Trajectory
 
@@ -657,7 +661,8 @@ def load_trajectory(path: str | os.PathLike, data: Mapping[str, Any], optimizer:
             f"a completed segment ({needed})")
     for name in needed:
         stage = stages[name]
-        keys = SimpleNamespace(input_key=stage.get("input_key"), target_key=stage.get("target_key"))
+        keys = task if task is not None else SimpleNamespace(input_key=stage.get("input_key"),
+                                                             target_key=stage.get("target_key"))
         source = ExampleSource(data[name], f"the data given for stage {name!r}", keys)
         if len(source) != int(stage["examples"]):
             raise DataError(

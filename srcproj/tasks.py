@@ -11,7 +11,7 @@ runs while it is attributed (:attr:`Task.model_mode`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -114,6 +114,10 @@ class Task(ABC):
     model_mode: str = "eval"
     input_key: str | None = None
     target_key: str | None = None
+    #: Optional ``collate(examples, what) -> (inputs, targets)``: batch a list of the data
+    #: set's raw examples itself (pad ragged sequences, read several keys). ``None``: the
+    #: examples are ``(x, y)`` pairs or mappings, stacked as they are (srcproj.data).
+    collate: Callable[[list, str], tuple[Tensor, Tensor]] | None = None
 
     @abstractmethod
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -138,15 +142,49 @@ class Task(ABC):
             "hessian='fisher' or hessian='empirical'"
         )
 
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator) -> Tensor:
-        """Targets drawn from the model's predictive distribution (``fisher`` estimator)."""
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
+        """Targets drawn from the model's predictive distribution (``fisher`` estimator).
+
+        ``targets`` are the examples' true targets (a subclass may accept them, to keep
+        what they mask, or leave the parameter out).
+        """
         raise ConfigurationError(
             f"{type(self).__name__} has no sample_targets(); implement it or use "
             "hessian='exact' or hessian='empirical'"
         )
 
+    def sampled_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The per-example function whose gradient, at sampled targets, is a Gauss-Newton
+        pseudo-gradient: the mean outer product of those gradients estimates the Hessian
+        ``JᵀΛJ`` (``fisher``, and ``empirical`` at the true targets).
+
+        The default is :meth:`loss`, right for a loss that is one log-likelihood term per
+        example. A loss that is a weighted sum of terms ``Σ_t w_t ℓ_t`` (tokens of a
+        sequence) needs ``Σ_t √w_t ℓ_t``: its gradients' outer products then average to
+        ``Σ_t w_t J_tᵀΛ_tJ_t`` (docs/math.md §9).
+        """
+        return self.loss(outputs, targets)
+
+    def calibrate(self, targets: Iterable[Tensor]) -> None:  # noqa: B027 - optional hook
+        """Called once with the training targets (blocks of them) before featurizing, for a
+        task whose loss depends on the data set (the mean number of target tokens of a
+        language model's batches). The default does nothing."""
+
+    def calibrated_from(self, description: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Take what :meth:`calibrate` found from a store's record of the task (its
+        :meth:`describe`), when reopening the store. The default does nothing."""
+
     def validate_targets(self, targets: Tensor, num_outputs: int, what: str) -> None:  # noqa: B027 - optional hook
         """Raise :class:`DataError` when ``targets`` cannot belong to this task (default: accept)."""
+
+    def model_inputs(self, inputs: Tensor) -> tuple[tuple, dict]:
+        """The model's positional and keyword arguments for a batch of inputs.
+
+        Called on a batch, and (inside :mod:`torch.func` transforms) on one example at a
+        time, so it must only select, reshape or build constant tensors. The default,
+        ``((inputs,), {})``, calls ``model(inputs)``.
+        """
+        return (inputs,), {}
 
     def model_outputs(self, output: Any) -> Tensor:
         """The tensor of shape ``(B, C)`` the loss and measurement read from the model's output.
@@ -211,7 +249,7 @@ class ClassificationTask(Task):
         probs = torch.softmax(outputs, dim=-1)
         return torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
 
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator) -> Tensor:
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
         probs = torch.softmax(outputs.detach().to(torch.float64), dim=-1).cpu()
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(outputs.device)
 
@@ -258,7 +296,7 @@ class RegressionTask(Task):
         eye = torch.eye(dim, dtype=outputs.dtype, device=outputs.device)
         return eye.expand(batch, dim, dim)
 
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator) -> Tensor:
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> Tensor:
         noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype)
         return outputs.detach() + noise.to(outputs.device)
 

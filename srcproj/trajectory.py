@@ -177,7 +177,7 @@ class Trajectory:
 
     @classmethod
     def from_manifest(cls, path: str | os.PathLike[str], data: Mapping[str, Any], optimizer: Any = None, *,
-                      verify: bool = True) -> Trajectory:
+                      verify: bool = True, task: Any = None) -> Trajectory:
         """The trajectory a :class:`~srcproj.TrajectoryRecorder` (or the Hugging Face
         ``SrcprojCallback``) recorded: its completed segments, with their checkpoint files,
         steps and per-step learning rates, the optimizer's description and the batch size.
@@ -186,11 +186,12 @@ class Trajectory:
         stage name with a completed segment to its data set, checked against the recorded
         number of examples and fingerprint; ``optimizer`` replaces the recorded
         description by the live optimizer; ``verify`` checks each checkpoint file's
-        SHA-256. Same as :func:`srcproj.load_trajectory`.
+        SHA-256; ``task``: the task the recorder was given, for data it batches itself
+        (ragged token sequences). Same as :func:`srcproj.load_trajectory`.
         """
         from .recorder import load_trajectory
 
-        return load_trajectory(path, data, optimizer, verify=verify)
+        return load_trajectory(path, data, optimizer, verify=verify, task=task)
 
     @property
     def checkpoint_index(self) -> list[tuple[int, int]]:

@@ -389,7 +389,7 @@ def test_proj_dim_below_one(tiny_run, store, proj_dim):
     ({"hessian": "kfac"}, r"hessian='kfac'"),
     ({"fisher_samples": 0}, r"fisher_samples=0"),
     ({"projector": "rademacher"}, r"projector must be a srcproj Projector"),
-    ({"modules": ["9"]}, r"modules \['9'\] are not in the model"),
+    ({"modules": ["9"]}, r"modules entry '9' names no module of the model"),
 ])
 def test_bad_attributor_arguments(tiny_run, store, kwargs, message):
     path, baseline = store

@@ -394,8 +394,8 @@ class GroupedConv(nn.Module):
 def test_other_parameters_refused_on_request():
     model = GroupedConv()
     with pytest.raises(ConfigurationError, match=re.escape("other_params='refuse'") + r".*4 attributed parameters"
-                       r".*conv\.weight \(Conv2d with groups=2\).*norm\.weight \(LayerNorm is neither Linear nor "
-                       r"Conv2d\).*modules=\[\.\.\.\]"):
+                       r".*conv\.weight \(Conv2d with groups=2\).*norm\.weight \(LayerNorm is neither Linear, "
+                       r"transformers' Conv1D nor Conv2d\).*modules=\[\.\.\.\]"):
         KroneckerProjector(32, other_params="refuse").bind(model)
     # Only the head: nothing outside a factored layer.
     projector = KroneckerProjector(32, other_params="refuse")
@@ -446,7 +446,7 @@ def test_weight_used_outside_its_module_is_projected_densely(tmp_path):
 
 
 def test_projector_errors(tiny_run, tmp_path):
-    with pytest.raises(ConfigurationError, match=r"found no Linear or Conv2d layer.*RademacherProjector"):
+    with pytest.raises(ConfigurationError, match=r"found no Linear, Conv1D or Conv2d layer.*RademacherProjector"):
         KroneckerProjector(8).bind(nn.Sequential(nn.LayerNorm(4)))
     with pytest.raises(ConfigurationError, match=r"not bound to a model.*Attributor\(\.\.\., projector=\.\.\.\)"):
         KroneckerProjector(8).project(torch.zeros(2, 69))

@@ -1,0 +1,306 @@
+"""LDS on a small GPT-2 language model: SOURCE (AdamW) against TracIn, the influence
+function and a text-similarity baseline, on held-out prompt + completion queries.
+
+    python benchmarks/lm_lds.py                  # the reported run (about an hour on 2 cores)
+    python benchmarks/lm_lds.py --smoke          # a minute-long end-to-end check
+    python benchmarks/lds.py --scenarios lm      # the same, from the LDS benchmark's command
+
+The scenario: a 2-layer GPT-2 from a config (random init, tied embeddings), trained
+with AdamW (weight decay 0.01 on the weights, a linear warm-up and decay) on
+``TRAIN`` passages of Python's own documentation prose read character by character
+(srcproj.text_demo), for ``STEPS`` steps of ``BATCH`` passages. Queries are held-out
+passages: a 16-character prompt (labels −100) and its completion; the measurement is
+the completion's log-probability (LanguageModelTask.measurement), the quantity the
+retrained models are scored on.
+
+Ground truth: ``--subsets`` random halves of the training passages, each retrained with
+``--seeds`` seeds for as many steps as the full run (the "same steps" protocol, the
+default counterfactual of docs/math.md §8), cached and resumable under ``--cache``
+like the digits benchmark's. The LDS of a method is the Spearman correlation, over the
+subsets, between its summed scores of a subset's passages and the retrained models'
+mean measurement, per query (srcproj.eval.lds); the paired bootstrap over queries
+compares SOURCE with the best other method.
+
+Sizing: one retraining takes about ``SECONDS_PER_MODEL`` seconds on one core; 2
+processes run ``subsets × seeds`` of them, so the default 100 × 6 = 600 retrainings
+take about 600 × that / 2.
+
+Methods, each on the same featurized store where it can be (one attributed model, and
+the mean over ``--models`` independently trained ones):
+
+- SOURCE: the defaults (``Attributor(model, LanguageModelTask(), trajectory)``: the
+  AdamW preconditioner, the ``fisher`` Gauss-Newton Hessian, k = ``--proj-dim``);
+- TracIn (Adam): ``-Σ_c η_c ψ_cᵀ φ_c`` over the checkpoints, with the preconditioned
+  gradients of the store;
+- IF: the damped influence function at the final checkpoint (damping = the run's
+  weight decay in the preconditioned space, as the store has it);
+- BM25: word-level BM25 between the query's text and each training passage;
+- character 4-gram overlap: the Jaccard similarity of their character 4-gram sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from paired_lds import paired_difference  # noqa: E402
+
+from srcproj import AdamW, Attributor, LanguageModelTask, Segment, Trajectory  # noqa: E402
+from srcproj.baselines import InfluenceFunction, TracIn  # noqa: E402
+from srcproj.eval import draw_subsets, lds, retrain  # noqa: E402
+from srcproj.text_demo import (  # noqa: E402
+    completion_queries,
+    load_prose_passages,
+    make_tiny_gpt2,
+    passage_examples,
+)
+
+TRAIN, QUERIES, LENGTH, PROMPT = 240, 60, 48, 16
+STEPS, BATCH, PEAK_LR, WARMUP, DECAY = 240, 16, 4e-3, 20, 0.01
+SEGMENTS, CHECKPOINTS_PER_SEGMENT = 2, 2
+MODEL = {"n_embd": 48, "n_layer": 2, "n_head": 2, "n_positions": 64}
+SECONDS_PER_MODEL = 8.0  # measured: see docs/benchmarks.md
+SPLIT = {"subset_seed": 17, "first_retrain_seed": 10, "first_model_seed": 1000}
+
+_DATA: dict = {}
+
+
+def data() -> dict:
+    """The passages, training examples and queries (built once per process)."""
+    if not _DATA:
+        passages = load_prose_passages(TRAIN + QUERIES, length=LENGTH, seed=0)
+        _DATA["train_texts"], _DATA["query_texts"] = passages[:TRAIN], passages[TRAIN:]
+        _DATA["train"] = passage_examples(passages[:TRAIN])
+        _DATA["queries"] = completion_queries(passages[TRAIN:], PROMPT)
+    return _DATA
+
+
+def rates() -> list[float]:
+    """One learning rate per step: linear warm-up, then linear decay to 10%."""
+    return [PEAK_LR * min(1.0, (t + 1) / WARMUP) * (1.0 - 0.9 * t / STEPS) for t in range(STEPS)]
+
+
+def train(indices: np.ndarray, seed: int, record: bool = False):
+    """AdamW on HF's loss over the passages ``indices``; ``(model, checkpoints)``, with
+    ``{"model", "optimizer"}`` checkpoints when ``record``."""
+    task = LanguageModelTask()
+    examples = data()["train"]
+    model = make_tiny_gpt2(seed=seed, **MODEL)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": DECAY},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=PEAK_LR)
+    generator = torch.Generator().manual_seed(seed)
+    every = STEPS // (SEGMENTS * CHECKPOINTS_PER_SEGMENT)
+    checkpoints = []
+    model.train()
+    for step, rate in enumerate(rates()):
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        pick = indices[torch.randint(len(indices), (BATCH,), generator=generator).numpy()]
+        input_ids, labels = task.collate([examples[i] for i in pick], "batch")
+        optimizer.zero_grad(set_to_none=True)
+        model(input_ids=input_ids, labels=labels).loss.backward()
+        optimizer.step()
+        if record and (step + 1) % every == 0:
+            checkpoints.append({"model": {k: v.clone() for k, v in model.state_dict().items()},
+                                "optimizer": _copy(optimizer.state_dict())})
+    model.eval()
+    return model, checkpoints
+
+
+def _copy(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def measure(model) -> np.ndarray:
+    """The completions' log-probabilities under ``model``, ``(Q,)``."""
+    task = LanguageModelTask()
+    input_ids, labels = task.collate(data()["queries"], "queries")
+    with torch.no_grad():
+        return task.measurement(model(input_ids=input_ids).logits, labels).double().numpy()
+
+
+def ground_truth_fn(mask: np.ndarray, seed: int) -> np.ndarray:
+    """The retraining the LDS ground truth is made of (module level: picklable)."""
+    model, _ = train(np.flatnonzero(mask), seed)
+    return measure(model)
+
+
+def attributed_run(seed: int):
+    """The full run that is attributed: ``(model, trajectory)``."""
+    model, checkpoints = train(np.arange(TRAIN), seed, record=True)
+    per = CHECKPOINTS_PER_SEGMENT
+    steps = STEPS // SEGMENTS
+    segments = [Segment(checkpoints[s * per:(s + 1) * per], steps, rates()[s * steps:(s + 1) * steps],
+                        data()["train"]) for s in range(SEGMENTS)]
+    return model, Trajectory(segments, optimizer=AdamW(weight_decay=DECAY))
+
+
+# ---------------------------------------------------------------------------- text similarity
+def _words(text: str) -> list[str]:
+    return "".join(c if c.isalnum() else " " for c in text.lower()).split()
+
+
+def bm25_scores(queries: list[str], documents: list[str], k1: float = 1.5, b: float = 0.75) -> np.ndarray:
+    """Okapi BM25 of each document for each query (words), ``(Q, N)``."""
+    docs = [Counter(_words(d)) for d in documents]
+    lengths = np.array([sum(d.values()) for d in docs], dtype=float)
+    mean_length = lengths.mean()
+    frequency = Counter(w for d in docs for w in d)
+    n = len(docs)
+    out = np.zeros((len(queries), n))
+    for q, text in enumerate(queries):
+        for word in set(_words(text)):
+            idf = math.log(1 + (n - frequency[word] + 0.5) / (frequency[word] + 0.5))
+            for i, d in enumerate(docs):
+                tf = d.get(word, 0)
+                if tf:
+                    out[q, i] += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * lengths[i] / mean_length))
+    return out
+
+
+def ngram_overlap(queries: list[str], documents: list[str], n: int = 4) -> np.ndarray:
+    """Jaccard similarity of character ``n``-gram sets, ``(Q, N)``."""
+    def grams(text: str) -> set[str]:
+        return {text[i:i + n] for i in range(len(text) - n + 1)}
+
+    doc_grams = [grams(d) for d in documents]
+    out = np.zeros((len(queries), len(documents)))
+    for q, text in enumerate(queries):
+        g = grams(text)
+        for i, d in enumerate(doc_grams):
+            out[q, i] = len(g & d) / max(1, len(g | d))
+    return out
+
+
+# ---------------------------------------------------------------------------- the benchmark
+@dataclass
+class Settings:
+    subsets: int = 100
+    seeds: int = 6
+    models: int = 2
+    proj_dim: int = 512
+    processes: int = 2
+    cache: str = "benchmarks/.cache"
+    stores: str | None = None
+
+
+def method_scores(seed: int, settings: Settings, timer: dict) -> dict[str, np.ndarray]:
+    began = time.perf_counter()
+    model, trajectory = attributed_run(seed)
+    folder = os.path.join(settings.stores or os.path.join(settings.cache, "stores"), "lm", f"model{seed}")
+    os.makedirs(folder, exist_ok=True)
+    queries = data()["queries"]
+    attributor = Attributor(model, LanguageModelTask(), trajectory,
+                            os.path.join(folder, f"source_k{settings.proj_dim}.zarr"), proj_dim=settings.proj_dim)
+    started = time.perf_counter()
+    report = attributor.featurize(progress=False)
+    sidecar = os.path.join(folder, f"source_k{settings.proj_dim}.seconds.json")
+    if report.feature_chunks_skipped == 0 and report.feature_chunks_computed:
+        with open(sidecar, "w") as handle:
+            json.dump({"seconds": report.seconds}, handle)
+    featurize = json.load(open(sidecar))["seconds"] if os.path.exists(sidecar) else time.perf_counter() - started
+    timer["training the attributed model"] = timer.get("training the attributed model", 0.0) + started - began
+    scores = {}
+
+    def timed(label, fn, base=0.0):
+        t = time.perf_counter()
+        out = fn()
+        timer[label] = timer.get(label, 0.0) + base + time.perf_counter() - t
+        return out
+
+    scores["SOURCE"] = timed("SOURCE", lambda: attributor.score(queries), featurize)
+    scores["TracIn (Adam)"] = timed("TracIn (Adam)", lambda: TracIn(attributor).score(queries))
+    scores["IF"] = timed("IF", lambda: InfluenceFunction(attributor).score(queries))
+    texts = data()["query_texts"]
+    scores["BM25"] = timed("BM25", lambda: bm25_scores(texts, data()["train_texts"]))
+    scores["character 4-gram overlap"] = timed("character 4-gram overlap",
+                                                lambda: ngram_overlap(texts, data()["train_texts"]))
+    return scores
+
+
+def evaluate(settings: Settings, progress: bool = True) -> dict:
+    """The LM scenario's entry in lds.py's results (same keys as a digits scenario's)."""
+    masks = draw_subsets(TRAIN, settings.subsets, 0.5, seed=SPLIT["subset_seed"])
+    seeds = range(SPLIT["first_retrain_seed"], SPLIT["first_retrain_seed"] + settings.seeds)
+    folder = os.path.join(settings.cache, "ground_truth", "lm", "steps")
+    began = time.perf_counter()
+    outputs = retrain(ground_truth_fn, masks, seeds, folder, processes=settings.processes, progress=progress)
+    print(f"  ground truth lm/steps: {outputs.shape} in {time.perf_counter() - began:.1f} s")
+    timer: dict[str, float] = {}
+    per_model = [method_scores(SPLIT["first_model_seed"] + m, settings, timer) for m in range(settings.models)]
+    table, per_query = {}, {}
+    for key in per_model[0]:
+        single = lds(per_model[0][key], masks, outputs)
+        ensemble = lds(np.mean([m[key] for m in per_model], axis=0), masks, outputs)
+        per_query[key] = single.per_query
+        table[f"{key} | steps"] = {"single": single.mean, "single_ci": single.ci_subsets,
+                                   "single_ci_queries": single.ci_queries, "ensemble": ensemble.mean,
+                                   "ensemble_ci": ensemble.ci_subsets,
+                                   "seconds_per_model": timer.get(key, 0.0) / settings.models}
+    others = [k for k in per_query if k != "SOURCE"]
+    runner_up = max(others, key=lambda k: table[f"{k} | steps"]["single"])
+    d = paired_difference(per_query["SOURCE"], per_query[runner_up])
+    versus = {"steps": {"other": runner_up, "diff": d.mean, "ci": list(d.ci)}}
+    print(f"SOURCE − {runner_up}, one model: {d.mean:+.3f} [{d.ci[0]:+.3f}, {d.ci[1]:+.3f}]")
+    print(f"{'method':<28} {'LDS 1 model':>22} {'LDS ensemble':>22} {'s/model':>8}")
+    for key, row in sorted(table.items(), key=lambda kv: -kv[1]["single"]):
+        lo, hi = row["single_ci"]
+        elo, ehi = row["ensemble_ci"]
+        print(f"{key.split(' | ')[0]:<28} {row['single']:>7.3f} [{lo:.3f}, {hi:.3f}] "
+              f"{row['ensemble']:>7.3f} [{elo:.3f}, {ehi:.3f}] {row['seconds_per_model']:>8.2f}")
+    description = (f"GPT-2 ({MODEL['n_layer']} layers, width {MODEL['n_embd']}, tied embeddings) trained with AdamW "
+                   f"on {TRAIN} prose passages of {LENGTH} characters; {QUERIES} held-out prompt + completion queries")
+    return {"lds": table, "description": description,
+            "steps": f"{STEPS} steps of {BATCH}, {SEGMENTS} segments of {CHECKPOINTS_PER_SEGMENT} checkpoints",
+            "source_vs_runner_up": versus, "timer": timer}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subsets", type=int, default=Settings.subsets)
+    parser.add_argument("--seeds", type=int, default=Settings.seeds)
+    parser.add_argument("--models", type=int, default=Settings.models)
+    parser.add_argument("--proj-dim", type=int, default=Settings.proj_dim)
+    parser.add_argument("--processes", type=int, default=Settings.processes)
+    parser.add_argument("--cache", default=Settings.cache)
+    parser.add_argument("--stores", default=None)
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--smoke", action="store_true", help="tiny settings: a quick end-to-end check")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    settings = Settings(args.subsets, args.seeds, args.models, args.proj_dim, args.processes, args.cache, args.stores)
+    if args.smoke:
+        settings = Settings(subsets=8, seeds=1, models=1, proj_dim=32, processes=1, cache=args.cache,
+                            stores=args.stores)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+          f"{settings.subsets} subsets × {settings.seeds} seeds, {settings.models} models, k = {settings.proj_dim}")
+    entry = evaluate(settings, not args.no_progress)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"settings": vars(settings), "scenarios": {"lm": entry}}, handle, indent=1, default=float)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
