@@ -26,7 +26,7 @@ import torch
 from srcproj import Attributor, LanguageModelTask, Trajectory, TrajectoryRecorder
 from srcproj.text_demo import completion_queries, decode, load_prose_passages, make_tiny_gpt2, passage_examples
 
-STEPS, BATCH, PEAK_LR = 300, 16, 3e-3
+STEPS, BATCH, PEAK_LR = 800, 16, 6e-3
 
 
 def main(store: str, run: str, proj_dim: int) -> None:
@@ -37,7 +37,7 @@ def main(store: str, run: str, proj_dim: int) -> None:
     model = make_tiny_gpt2(seed=0)
     task = LanguageModelTask()  # Hugging Face's loss: the mean over a batch's target tokens
 
-    # 1. Train with AdamW (decay on the weights only), recorded as it runs: 300 steps in
+    # 1. Train with AdamW (decay on the weights only), recorded as it runs: 800 steps in
     #    two segments of two checkpoints each, every step's learning rate, the data's fingerprint.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -57,7 +57,7 @@ def main(store: str, run: str, proj_dim: int) -> None:
         optimizer.step()
         schedule.step()
         recorder.step()
-        if (step + 1) % 100 == 0:
+        if (step + 1) % 200 == 0:
             print(f"step {step + 1}: training loss {loss.item():.3f} per character")
     recorder.close()
     model.eval()

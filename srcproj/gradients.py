@@ -2,9 +2,10 @@
 
 This module knows about models, checkpoints and tasks and nothing about storage: it
 turns ``(state, x, y)`` into per-example gradient rows ``(B, p)`` with torch.func
-(:class:`GradientComputer`), and captures the inputs and output gradients of Linear and
-Conv2d layers in one batched forward and backward pass (:class:`LayerCapture`), whose
-products ``Σ_t δ_t a_tᵀ`` are the layers' per-example weight gradients.
+(:class:`GradientComputer`), and captures the inputs and output gradients of Linear,
+transformers' Conv1D and Conv2d layers in one batched forward and backward pass
+(:class:`LayerCapture`), whose products ``Σ_t δ_t a_tᵀ`` are the layers' per-example
+weight gradients.
 
 :class:`ProjectedGradients` is the one adapter the rest of srcproj asks for features:
 it picks a gradient backend (:class:`VmapBackend`, :class:`DenseHookBackend`,
@@ -1172,8 +1173,8 @@ def _layer_output_jacobians(layer: FactoredLayer, module: nn.Module, inputs: Seq
 
 
 class DenseHookBackend(GradientBackend):
-    """Per-example gradients of Linear and Conv2d layers from one batched forward and
-    backward pass with hooks (``Σ_t δ_t a_tᵀ``), for a projector that accepts pieces.
+    """Per-example gradients of Linear, Conv1D and Conv2d layers from one batched forward
+    and backward pass with hooks (``Σ_t δ_t a_tᵀ``), for a projector that accepts pieces.
 
     The other attributed parameters (LayerNorm, embeddings, layers that failed the
     check of :func:`checked_factored_layers`) still go through vmap. A layer's weight
@@ -1534,7 +1535,7 @@ class ProjectedGradients:
     * ``factored`` (:class:`~srcproj.KroneckerProjector`): :class:`FactoredBackend`,
       which lays the projector out over the model's layers;
     * ``accepts_pieces`` (:class:`~srcproj.RademacherProjector`):
-      :class:`DenseHookBackend` when some Linear or Conv2d layer passes the check on
+      :class:`DenseHookBackend` when some Linear, Conv1D or Conv2d layer passes the check on
       the example inputs, else :class:`VmapBackend`;
     * anything else (:class:`~srcproj.MatrixProjector`, :class:`~srcproj.FastJLProjector`,
       a subclass that defines its own ``project()``): :class:`VmapBackend`.

@@ -648,7 +648,7 @@ class KroneckerProjector(Projector):
             listed = "; ".join(f"{n} ({split.reasons.get(n, '')})" for n in others[:6])
             raise ConfigurationError(
                 f"KroneckerProjector(other_params='refuse'): {len(others)} attributed parameters are not in "
-                f"a factored Linear/Conv2d layer: {listed}{' ...' if len(others) > 6 else ''}; "
+                f"a factored Linear/Conv1D/Conv2d layer: {listed}{' ...' if len(others) > 6 else ''}; "
                 "attribute only factored layers with modules=[...], or use other_params='dense'"
             )
         groups = len(layers) + (1 if others else 0)

@@ -167,6 +167,7 @@ class _Stage:
     def describe(self) -> dict:
         return {"name": self.name, "fingerprint": self.fingerprint, "examples": self.examples,
                 "input_key": self.keys["input_key"], "target_key": self.keys["target_key"],
+                **({"collated_by": self.keys["collated_by"]} if "collated_by" in self.keys else {}),
                 "steps": self.steps, "segments": self.segments, "segment_every": self.segment_every,
                 "checkpoints_per_segment": self.checkpoints, "steps_taken": self.taken}
 
@@ -319,6 +320,8 @@ class TrajectoryRecorder:
         source = ExampleSource(data, f"stage {name!r}'s data", self.task)
         fingerprint = source.fingerprint()
         keys = {key: getattr(self.task, key, None) for key in ("input_key", "target_key")}
+        if callable(getattr(self.task, "collate", None)):  # the task batched (and fingerprinted) the examples
+            keys["collated_by"] = f"{type(self.task).__module__}.{type(self.task).__qualname__}"
         if last is not None and last.steps is None and self._segment_plan is not None \
                 and self._segment_plan[0] is last:
             self._end_segment(partial=True)  # an open-ended stage ends where the next begins
@@ -661,6 +664,11 @@ def load_trajectory(path: str | os.PathLike, data: Mapping[str, Any], optimizer:
             f"a completed segment ({needed})")
     for name in needed:
         stage = stages[name]
+        if task is None and stage.get("collated_by"):
+            raise ConfigurationError(
+                f"stage {name!r} was recorded with a {stage['collated_by']} batching its examples (it pads ragged "
+                "sequences), so its data are read and fingerprinted that way: pass the same task, "
+                "load_trajectory(..., task=...) or Trajectory.from_manifest(..., task=...)")
         keys = task if task is not None else SimpleNamespace(input_key=stage.get("input_key"),
                                                              target_key=stage.get("target_key"))
         source = ExampleSource(data[name], f"the data given for stage {name!r}", keys)

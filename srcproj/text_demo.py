@@ -21,7 +21,7 @@ __all__ = ["VOCABULARY", "PAD_ID", "encode", "decode", "load_prose_passages", "p
            "completion_queries", "make_tiny_gpt2"]
 
 #: Characters with their own id (2 onwards); 0 pads, 1 is any other character.
-VOCABULARY = " abcdefghijklmnopqrstuvwxyz0123456789.,;:'\"()-?!"
+VOCABULARY = " abcdefghijklmnopqrstuvwxyz0123456789.,;:'\"()-?!_=+*/<>[]{}%#"
 PAD_ID, UNKNOWN_ID = 0, 1
 _IDS = {c: i + 2 for i, c in enumerate(VOCABULARY)}
 

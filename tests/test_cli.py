@@ -244,6 +244,8 @@ def test_demo_helpers_are_deterministic_and_leave_global_state_alone():
     ("two_stage.py", ["stage 1:", "stage 2:", "stage-1 digits sharing", "mean |score|"]),
     ("adam_run.py", ["preconditioner: optimizer state", "(parameter mean of the groups' λ)", "top proponents",
                      "share its label"]),
+    ("language_model.py", ["fisher Gauss-Newton Hessian", "target characters per passage", "-> completion",
+                           "helpful +", "harmful -"]),
 ])
 def test_example_runs(script, needles, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -406,3 +406,90 @@ def test_lora_through_peft_attributes_the_adapters(tmp_path):
     want = torch.stack(rows) @ dense_matrix(projector, computer.num_params, torch.float32).T
     torch.testing.assert_close(features, want, rtol=1e-4, atol=1e-6)
     assert np.isfinite(attributor.score(data[:2])).all()
+
+
+# ---------------------------------------------------------------------------- errors and records
+def test_bad_task_hooks_and_targets_are_named():
+    from srcproj import Task
+
+    class BadInputs(LanguageModelTask):
+        def model_inputs(self, inputs):
+            return {"input_ids": inputs}
+
+    computer = GradientComputer(tiny_gpt2(), BadInputs())
+    with pytest.raises(ConfigurationError, match=r"model_inputs returned a dict.*\(args, kwargs\)"):
+        computer.inputs(torch.zeros(1, 3, dtype=torch.long))
+
+    class BadCollate(LanguageModelTask):
+        def collate(self, examples, what):
+            return [torch.zeros(1)]
+
+    with pytest.raises(ConfigurationError, match="collate\\(\\) returned a list"):
+        ExampleSource(sequences(2), "data", BadCollate()).rows(0, 2)
+    task = LanguageModelTask()
+    with pytest.raises(DataError, match="negative label"):
+        task.validate_targets(torch.tensor([[1, -5, 2]]), 30, "data")
+    with pytest.raises(DataError, match="integer labels"):
+        task.validate_targets(torch.zeros(2, 3), 30, "data")
+    with pytest.raises(ConfigurationError, match="does not know the mean number of target tokens"):
+        task.loss(torch.zeros(1, 3, VOCAB), torch.tensor([[1, 2, 3]]))
+    with pytest.raises(DataError, match="no target tokens"):
+        task.calibrate([torch.full((2, 4), -100)])
+    with pytest.raises(DataError, match="has no 'label'"):
+        SequenceClassificationTask().collate([{"input_ids": [1, 2]}], "data")
+    with pytest.raises(ConfigurationError, match="pad_token_id"):
+        SequenceClassificationTask(pad_token_id=1.5)
+    with pytest.raises(ConfigurationError, match="no trainable parameters"):
+        frozen = tiny_gpt2()
+        frozen.transformer.ln_f.requires_grad_(False)
+        GradientComputer(frozen, LanguageModelTask(), modules=["transformer.ln_f"])
+    with pytest.raises(DataError, match="LanguageModelTask or SequenceClassificationTask"):
+        ExampleSource([(torch.tensor([1, 2]), torch.tensor([1, 2])), (torch.tensor([1]), torch.tensor([1]))],
+                      "data", Task.__new__(ClassificationTaskForTest)).rows(0, 2)
+
+
+class ClassificationTaskForTest(LanguageModelTask.__mro__[1]):  # a plain Task: stacks pairs as they are
+    def loss(self, outputs, targets):
+        return outputs.sum(-1)
+
+    def measurement(self, outputs, targets):
+        return outputs.sum(-1)
+
+
+def test_a_recorded_run_of_ragged_sequences_loads_with_its_task(tmp_path):
+    from srcproj import TrajectoryRecorder
+
+    model = tiny_gpt2(dtype=torch.float32)
+    task = LanguageModelTask()
+    data = sequences(8, seed=10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    with TrajectoryRecorder(model, optimizer, tmp_path / "run", batch_size=4, task=task) as recorder:
+        recorder.stage("text", data, steps=4)
+        for step in range(4):
+            ids, labels = task.collate(data[step * 2:step * 2 + 4], "batch")
+            optimizer.zero_grad()
+            model(input_ids=ids, labels=labels).loss.backward()
+            optimizer.step()
+            recorder.step()
+    trajectory = Trajectory.from_manifest(tmp_path / "run", data={"text": data}, task=task)
+    assert len(trajectory.segments) == 1 and trajectory.segments[0].steps == 4
+    with pytest.raises(ConfigurationError, match=r"LanguageModelTask batching its examples.*task=\.\.\."):
+        Trajectory.from_manifest(tmp_path / "run", data={"text": data})
+
+
+def test_hooked_conv1d_jacobians_equal_the_vmapped_ones():
+    """The exact estimator's projected Jacobians through the Conv1D hooks (Σ_t δ_t a_tᵀ of
+    every output, the weight transposed) equal vmap(jacrev)'s."""
+    model = tiny_gpt2()
+    task = LanguageModelTask("sum")
+    computer = GradientComputer(model, task, modules=["transformer.h.1.mlp.c_fc", "transformer.ln_f"])
+    trainable, fixed = computer.split(model.state_dict(), torch.device("cpu"))
+    x, _ = task.collate(sequences(3, seed=11, lengths=(3, 5)), "data")
+    gradients = ProjectedGradients(computer, RademacherProjector(24, seed=4))
+    gradients.bind({**trainable, **fixed}, x[:2])
+    assert isinstance(gradients.backend, DenseHookBackend)
+    assert [layer.kind for layer in gradients.backend.layers] == ["conv1d"]
+    have, outputs = gradients.output_features(trainable, fixed, x)
+    want, want_outputs = VmapBackend(computer, gradients.projector).output_features(trainable, fixed, x)
+    torch.testing.assert_close(have, want, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(outputs, want_outputs)
