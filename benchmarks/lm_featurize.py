@@ -35,7 +35,8 @@ import tempfile
 import time
 
 
-def child(projection: str, count: int, length: int, checkpoints: int, batch: int, folder: str) -> dict:
+def child(projection: str, count: int, length: int, checkpoints: int, batch: int, folder: str,
+          tiny: bool = False) -> dict:
     import torch
     import transformers
 
@@ -43,7 +44,9 @@ def child(projection: str, count: int, length: int, checkpoints: int, batch: int
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    config = (transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300, n_positions=256) if tiny
+              else transformers.GPT2Config())  # GPT-2 small's: 12 layers, width 768, vocabulary 50,257
+    model = transformers.GPT2LMHeadModel(config).eval()
     params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, model.config.vocab_size, (count, length), generator=torch.Generator().manual_seed(1))
     data = (ids, ids.clone())
@@ -87,12 +90,14 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer toy config: checks the script in seconds")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         projection, count = args.child.split(":")
         with tempfile.TemporaryDirectory() as folder:
-            print(json.dumps(child(projection, int(count), args.length, args.checkpoints, args.batch, folder)))
+            print(json.dumps(child(projection, int(count), args.length, args.checkpoints, args.batch, folder,
+                                   args.tiny)))
         return
     import torch
 
@@ -102,7 +107,8 @@ def main() -> None:
     for projection in args.projections:
         for count in args.sizes:
             out = subprocess.run([sys.executable, __file__, "--child", f"{projection}:{count}", "--length",
-                                  str(args.length), "--checkpoints", str(args.checkpoints), "--batch", str(args.batch)],
+                                  str(args.length), "--checkpoints", str(args.checkpoints), "--batch", str(args.batch),
+                                  *(["--tiny"] if args.tiny else [])],
                                  capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)

@@ -3,6 +3,7 @@ function and a text-similarity baseline, on held-out prompt + completion queries
 
     python benchmarks/lm_lds.py                  # the reported run (about an hour on 2 cores)
     python benchmarks/lm_lds.py --smoke          # a minute-long end-to-end check
+    python benchmarks/lm_lds.py --scenario finetune   # pretraining, then fine-tuning on the attributed passages
     python benchmarks/lds.py --scenarios lm      # the same, from the LDS benchmark's command
 
 The scenario: a 2-layer GPT-2 from a config (random init, tied embeddings), trained
@@ -12,6 +13,13 @@ with AdamW (weight decay 0.01 on the weights, a linear warm-up and decay) on
 passages: a 16-character prompt (labels −100) and its completion; the measurement is
 the completion's log-probability (LanguageModelTask.measurement), the quantity the
 retrained models are scored on.
+
+``--scenario finetune``: the same model is first pretrained on ``PRETRAIN`` other
+passages (the same in every retraining; 2 segments), then trained for ``FT_STEPS``
+steps at a lower rate on the attributed passages (2 more segments); the retrainings
+change only the second stage's data, and every method attributes the second stage's
+passages (SOURCE over the fine-tuning segments, through the pretraining's; TracIn and
+IF on the fine-tuning data).
 
 Two splits, as in lds.py: ``--split tune`` (its own subsets, retraining seeds and
 attributed models, the even-numbered queries) is where settings were chosen;
@@ -47,6 +55,7 @@ the mean over ``--models`` independently trained ones):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -86,39 +95,47 @@ SPLITS = {
     "report": {"subset_seed": 17, "first_retrain_seed": 10, "first_model_seed": 1000, "first_query": 1},
 }
 
+#: The fine-tuning scenario: a pretraining stage on PRETRAIN other passages (the same
+#: in every retraining), then FT_STEPS steps on the attributed passages at a lower rate.
+PRETRAIN, FT_STEPS, FT_PEAK_LR, FT_WARMUP = 240, 120, 2e-3, 10
+SCENARIOS = ("single", "finetune")
+
 _DATA: dict = {}
+_PRETRAINED: dict = {}
 
 
 def data() -> dict:
     """The passages, training examples and queries (built once per process)."""
     if not _DATA:
-        passages = load_prose_passages(TRAIN + QUERIES, length=LENGTH, seed=0)
-        _DATA["train_texts"], _DATA["query_texts"] = passages[:TRAIN], passages[TRAIN:]
+        passages = load_prose_passages(TRAIN + QUERIES + PRETRAIN, length=LENGTH, seed=0)
+        _DATA["train_texts"], _DATA["query_texts"] = passages[:TRAIN], passages[TRAIN:TRAIN + QUERIES]
         _DATA["train"] = passage_examples(passages[:TRAIN])
-        _DATA["queries"] = completion_queries(passages[TRAIN:], PROMPT)
+        _DATA["queries"] = completion_queries(passages[TRAIN:TRAIN + QUERIES], PROMPT)
+        _DATA["pretrain"] = passage_examples(passages[TRAIN + QUERIES:])
     return _DATA
 
 
-def rates() -> list[float]:
+def _schedule(peak: float, warmup: int, steps: int) -> list[float]:
     """One learning rate per step: linear warm-up, then linear decay to 10%."""
-    return [PEAK_LR * min(1.0, (t + 1) / WARMUP) * (1.0 - 0.9 * t / STEPS) for t in range(STEPS)]
+    return [peak * min(1.0, (t + 1) / warmup) * (1.0 - 0.9 * t / steps) for t in range(steps)]
 
 
-def train(indices: np.ndarray, seed: int, record: bool = False):
-    """AdamW on HF's loss over the passages ``indices``; ``(model, optimizer, checkpoints)``,
-    with ``{"model", "optimizer"}`` checkpoints when ``record``."""
+def rates() -> list[float]:
+    return _schedule(PEAK_LR, WARMUP, STEPS)
+
+
+def finetune_rates() -> list[float]:
+    return _schedule(FT_PEAK_LR, FT_WARMUP, FT_STEPS)
+
+
+def _run(model, optimizer, examples: list, indices: np.ndarray, schedule: list[float], generator,
+         segments: int, record: bool) -> list[dict]:
+    """AdamW steps on HF's loss, ``BATCH`` passages drawn from ``indices`` per step."""
     task = LanguageModelTask()
-    examples = data()["train"]
-    model = make_tiny_gpt2(seed=seed, **MODEL)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": DECAY},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=PEAK_LR)
-    generator = torch.Generator().manual_seed(seed)
-    every = STEPS // (SEGMENTS * CHECKPOINTS_PER_SEGMENT)
+    every = len(schedule) // (segments * CHECKPOINTS_PER_SEGMENT)
     checkpoints = []
     model.train()
-    for step, rate in enumerate(rates()):
+    for step, rate in enumerate(schedule):
         for group in optimizer.param_groups:
             group["lr"] = rate
         pick = indices[torch.randint(len(indices), (BATCH,), generator=generator).numpy()]
@@ -130,6 +147,35 @@ def train(indices: np.ndarray, seed: int, record: bool = False):
             checkpoints.append({"model": {k: v.clone() for k, v in model.state_dict().items()},
                                 "optimizer": _copy(optimizer.state_dict())})
     model.eval()
+    return checkpoints
+
+
+def train(indices: np.ndarray, seed: int, record: bool = False, scenario: str = "single"):
+    """The scenario's run with the attributed passages ``indices``: ``(model, optimizer,
+    checkpoints)``, with ``{"model", "optimizer"}`` checkpoints (every stage's) when ``record``."""
+    torch.manual_seed(seed)  # dropout's masks: every run is reproducible from its seed
+    model = make_tiny_gpt2(seed=seed, **MODEL)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": DECAY},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=PEAK_LR)
+    generator = torch.Generator().manual_seed(seed)
+    if scenario == "single":
+        return model, optimizer, _run(model, optimizer, data()["train"], indices, rates(), generator, SEGMENTS,
+                                      record)
+    # Pretraining does not depend on the subset: done once per seed and process.
+    if seed not in _PRETRAINED or record:
+        checkpoints = _run(model, optimizer, data()["pretrain"], np.arange(PRETRAIN), rates(), generator,
+                           SEGMENTS, record)
+        _PRETRAINED[seed] = (_copy(model.state_dict()), _copy(optimizer.state_dict()), generator.get_state(),
+                             torch.random.get_rng_state(), checkpoints)
+    state, optimizer_state, generator_state, dropout_state, checkpoints = _PRETRAINED[seed]
+    model.load_state_dict(state)
+    optimizer.load_state_dict(_copy(optimizer_state))  # torch would share the cached moments, then step them
+    generator.set_state(generator_state)
+    torch.random.set_rng_state(dropout_state)
+    checkpoints = list(checkpoints) + _run(model, optimizer, data()["train"], indices, finetune_rates(), generator,
+                                           SEGMENTS, record)
     return model, optimizer, checkpoints
 
 
@@ -151,20 +197,28 @@ def measure(model) -> np.ndarray:
         return task.measurement(model(input_ids=input_ids).logits, labels).double().numpy()
 
 
-def ground_truth_fn(mask: np.ndarray, seed: int) -> np.ndarray:
+def ground_truth_fn(mask: np.ndarray, seed: int, scenario: str = "single") -> np.ndarray:
     """The retraining the LDS ground truth is made of (module level: picklable)."""
-    model, _, _ = train(np.flatnonzero(mask), seed)
+    model, _, _ = train(np.flatnonzero(mask), seed, scenario=scenario)
     return measure(model)
 
 
-def attributed_run(seed: int):
-    """The full run that is attributed: ``(model, trajectory)``."""
-    model, optimizer, checkpoints = train(np.arange(TRAIN), seed, record=True)
+def attributed_run(seed: int, scenario: str = "single"):
+    """The full run that is attributed: ``(model, trajectory, attributed segments)``."""
+    model, optimizer, checkpoints = train(np.arange(TRAIN), seed, record=True, scenario=scenario)
     per = CHECKPOINTS_PER_SEGMENT
-    steps = STEPS // SEGMENTS
-    segments = [Segment(checkpoints[s * per:(s + 1) * per], steps, rates()[s * steps:(s + 1) * steps],
-                        data()["train"]) for s in range(SEGMENTS)]
-    return model, Trajectory(segments, optimizer=optimizer)  # the live optimizer: its two groups by tensor
+    stages = [(data()["train"], rates())] if scenario == "single" else [(data()["pretrain"], rates()),
+                                                                        (data()["train"], finetune_rates())]
+    segments = []
+    for examples, schedule in stages:
+        steps = len(schedule) // SEGMENTS
+        for s in range(SEGMENTS):
+            first = len(segments) * per
+            segments.append(Segment(checkpoints[first:first + per], steps, schedule[s * steps:(s + 1) * steps],
+                                    examples))
+    attributed = list(range(len(segments) - SEGMENTS, len(segments)))
+    # The live optimizer: its two groups by tensor.
+    return model, Trajectory(segments, optimizer=optimizer), attributed
 
 
 # ---------------------------------------------------------------------------- text similarity
@@ -216,10 +270,12 @@ class Settings:
     stores: str | None = None
 
 
-def method_scores(seed: int, settings: Settings, picked: np.ndarray, timer: dict) -> dict[str, np.ndarray]:
+def method_scores(seed: int, settings: Settings, picked: np.ndarray, timer: dict,
+                  scenario: str = "single") -> dict[str, np.ndarray]:
     began = time.perf_counter()
-    model, trajectory = attributed_run(seed)
-    folder = os.path.join(settings.stores or os.path.join(settings.cache, "stores"), "lm", f"model{seed}")
+    model, trajectory, attributed = attributed_run(seed, scenario)
+    name = "lm" if scenario == "single" else f"lm-{scenario}"
+    folder = os.path.join(settings.stores or os.path.join(settings.cache, "stores"), name, f"model{seed}")
     os.makedirs(folder, exist_ok=True)
     queries = [data()["queries"][i] for i in picked]
     attributor = Attributor(model, LanguageModelTask(), trajectory,
@@ -240,9 +296,11 @@ def method_scores(seed: int, settings: Settings, picked: np.ndarray, timer: dict
         timer[label] = timer.get(label, 0.0) + base + time.perf_counter() - t
         return out
 
-    scores["SOURCE"] = timed("SOURCE", lambda: attributor.score(queries), featurize)
-    scores["TracIn (Adam)"] = timed("TracIn (Adam)", lambda: TracIn(attributor).score(queries))
-    scores["IF"] = timed("IF", lambda: InfluenceFunction(attributor).score(queries))
+    first = attributed[0]
+    scores["SOURCE"] = timed("SOURCE", lambda: attributor.score(queries, segments=attributed), featurize)
+    scores["TracIn (Adam)"] = timed("TracIn (Adam)",
+                                    lambda: TracIn(attributor, data_segment=first).score(queries))
+    scores["IF"] = timed("IF", lambda: InfluenceFunction(attributor, data_segment=first).score(queries))
     texts = [data()["query_texts"][i] for i in picked]
     scores["BM25"] = timed("BM25", lambda: bm25_scores(texts, data()["train_texts"]))
     scores["character 4-gram overlap"] = timed("character 4-gram overlap",
@@ -250,25 +308,28 @@ def method_scores(seed: int, settings: Settings, picked: np.ndarray, timer: dict
     return scores
 
 
-def evaluate(settings: Settings, split: str = "report", progress: bool = True) -> dict:
+def evaluate(settings: Settings, split: str = "report", progress: bool = True, scenario: str = "single") -> dict:
     """The LM scenario's entry in lds.py's results (same keys as a digits scenario's)."""
     chosen = SPLITS[split]
     masks = draw_subsets(TRAIN, settings.subsets, 0.5, seed=chosen["subset_seed"])
     seeds = range(chosen["first_retrain_seed"], chosen["first_retrain_seed"] + settings.seeds)
     picked = np.arange(chosen["first_query"], QUERIES, 2)
-    folder = os.path.join(settings.cache, "ground_truth", "lm", "steps")
+    name = "lm" if scenario == "single" else f"lm-{scenario}"
+    folder = os.path.join(settings.cache, "ground_truth", name, "steps")
     began = time.perf_counter()
-    outputs = retrain(ground_truth_fn, masks, seeds, folder, processes=settings.processes, progress=progress)
+    outputs = retrain(functools.partial(ground_truth_fn, scenario=scenario), masks, seeds, folder,
+                      processes=settings.processes, progress=progress)
     print(f"  ground truth lm/steps: {outputs.shape} in {time.perf_counter() - began:.1f} s")
     outputs = outputs[:, :, picked]
     timer: dict[str, float] = {}
-    per_model = [method_scores(chosen["first_model_seed"] + m, settings, picked, timer)
+    per_model = [method_scores(chosen["first_model_seed"] + m, settings, picked, timer, scenario)
                  for m in range(settings.models)]
-    table, per_query = {}, {}
+    table, per_query, per_query_ensemble = {}, {}, {}
     for key in per_model[0]:
         single = lds(per_model[0][key], masks, outputs)
         ensemble = lds(np.mean([m[key] for m in per_model], axis=0), masks, outputs)
         per_query[key] = single.per_query
+        per_query_ensemble[key] = ensemble.per_query
         table[f"{key} | steps"] = {"single": single.mean, "single_ci": single.ci_subsets,
                                    "single_ci_queries": single.ci_queries, "ensemble": ensemble.mean,
                                    "ensemble_ci": ensemble.ci_subsets,
@@ -276,8 +337,11 @@ def evaluate(settings: Settings, split: str = "report", progress: bool = True) -
     others = [k for k in per_query if k != "SOURCE"]
     runner_up = max(others, key=lambda k: table[f"{k} | steps"]["single"])
     d = paired_difference(per_query["SOURCE"], per_query[runner_up])
-    versus = {"steps": {"other": runner_up, "diff": d.mean, "ci": list(d.ci)}}
-    print(f"SOURCE − {runner_up}, one model: {d.mean:+.3f} [{d.ci[0]:+.3f}, {d.ci[1]:+.3f}]")
+    e = paired_difference(per_query_ensemble["SOURCE"], per_query_ensemble[runner_up])
+    versus = {"steps": {"other": runner_up, "diff": d.mean, "ci": list(d.ci),
+                        "ensemble_diff": e.mean, "ensemble_ci": list(e.ci)}}
+    print(f"SOURCE − {runner_up}, one model: {d.mean:+.3f} [{d.ci[0]:+.3f}, {d.ci[1]:+.3f}]; "
+          f"{settings.models} models: {e.mean:+.3f} [{e.ci[0]:+.3f}, {e.ci[1]:+.3f}]")
     print(f"{'method':<28} {'LDS 1 model':>22} {'LDS ensemble':>22} {'s/model':>8}")
     for key, row in sorted(table.items(), key=lambda kv: -kv[1]["single"]):
         lo, hi = row["single_ci"]
@@ -287,14 +351,20 @@ def evaluate(settings: Settings, split: str = "report", progress: bool = True) -
     description = (f"GPT-2 ({MODEL['n_layer']} layers, width {MODEL['n_embd']}, tied embeddings) trained with AdamW "
                    f"on {TRAIN} prose passages of {LENGTH} characters; {len(picked)} held-out prompt + completion "
                    f"queries ({split} split)")
-    return {"lds": table, "description": description,
-            "steps": f"{STEPS} steps of {BATCH}, {SEGMENTS} segments of {CHECKPOINTS_PER_SEGMENT} checkpoints",
+    steps = f"{STEPS} steps of {BATCH}, {SEGMENTS} segments of {CHECKPOINTS_PER_SEGMENT} checkpoints"
+    if scenario == "finetune":
+        description = (f"the same GPT-2 pretrained on {PRETRAIN} other passages, then fine-tuned on the {TRAIN} "
+                       f"attributed ones; {len(picked)} held-out prompt + completion queries ({split} split)")
+        steps = (f"{STEPS} pretraining + {FT_STEPS} fine-tuning steps of {BATCH}, {SEGMENTS} segments of "
+                 f"{CHECKPOINTS_PER_SEGMENT} checkpoints per stage")
+    return {"lds": table, "description": description, "steps": steps,
             "source_vs_runner_up": versus, "timer": timer}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", choices=tuple(SPLITS), default="report")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="single")
     parser.add_argument("--subsets", type=int, default=Settings.subsets)
     parser.add_argument("--seeds", type=int, default=Settings.seeds)
     parser.add_argument("--models", type=int, default=Settings.models)
@@ -313,10 +383,11 @@ def main() -> None:
                             stores=args.stores)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"{settings.subsets} subsets × {settings.seeds} seeds, {settings.models} models, k = {settings.proj_dim}")
-    entry = evaluate(settings, args.split, not args.no_progress)
+    entry = evaluate(settings, args.split, not args.no_progress, args.scenario)
     if args.out:
         with open(args.out, "w") as handle:
-            json.dump({"settings": vars(settings), "split": args.split, "scenarios": {"lm": entry}}, handle,
+            key = "lm" if args.scenario == "single" else f"lm-{args.scenario}"
+            json.dump({"settings": vars(settings), "split": args.split, "scenarios": {key: entry}}, handle,
                       indent=1, default=float)
         print(f"wrote {args.out}")
 

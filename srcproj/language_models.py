@@ -95,7 +95,7 @@ def _sequence(example: Any, index: int, what: str, label_key: str, default_label
 
 
 def _pad(rows: Sequence[Tensor], value: int) -> Tensor:
-    length = max(int(r.numel()) for r in rows)
+    length = max((int(r.numel()) for r in rows), default=0)
     out = torch.full((len(rows), length), value, dtype=torch.long)
     for i, row in enumerate(rows):
         out[i, : row.numel()] = row

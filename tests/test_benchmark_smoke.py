@@ -62,3 +62,19 @@ def test_lds_benchmark_smoke(tmp_path):
 
 def rows_of(results):
     return results["scenarios"]["converged"]["lds"]
+
+
+def test_language_model_lds_smoke(tmp_path):
+    """lds.py --scenarios lm at toy size: the GPT-2 retrainings, SOURCE and every baseline,
+    and the markdown table with the same-epochs cells left empty."""
+    pytest.importorskip("transformers")
+    done = _run(tmp_path / "cache", tmp_path / "lm.json", "--scenarios", "lm", "--markdown", str(tmp_path / "lm.md"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    entry = json.loads((tmp_path / "lm.json").read_text())["scenarios"]["lm"]
+    methods = {key.split(" | ")[0] for key in entry["lds"]}
+    assert methods == {"SOURCE", "TracIn (Adam)", "IF", "BM25", "character 4-gram overlap"}
+    for row in entry["lds"].values():
+        assert -1.0 <= row["single"] <= 1.0 and row["single_ci"][0] <= row["single_ci"][1]
+    assert entry["source_vs_runner_up"]["steps"]["other"] in methods - {"SOURCE"}
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 8  # 8 subsets × 1 seed
+    assert "| SOURCE |" in (tmp_path / "lm.md").read_text()
