@@ -493,3 +493,28 @@ def test_hooked_conv1d_jacobians_equal_the_vmapped_ones():
     want, want_outputs = VmapBackend(computer, gradients.projector).output_features(trainable, fixed, x)
     torch.testing.assert_close(have, want, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(outputs, want_outputs)
+
+
+def test_empirical_hessian_of_a_language_model_uses_sqrt_weights(tmp_path):
+    """hessian="empirical": the stored Hessian is the mean outer product of the projected
+    gradients of Σ_t √w_t ℓ_t at the true tokens (autograd, one sequence at a time), not
+    of the loss features (which would carry w_t²)."""
+    from srcproj import SGD
+
+    model = tiny_gpt2()
+    task = LanguageModelTask(mean_target_tokens=4.0)
+    data = sequences(6, seed=12)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trajectory = Trajectory([Segment([state], 3, 0.1, data)], optimizer=SGD(weight_decay=0.01))
+    projector = RademacherProjector(10, seed=5)
+    attributor = Attributor(model, task, trajectory, tmp_path / "store", projector=projector, hessian="empirical",
+                            feature_dtype="float32")
+    attributor.featurize(progress=False)
+    names = attributor.computer.param_names
+    ids, labels = as_pairs(data)
+    rows = autograd_rows(model, state, names, task.sampled_loss, ids, labels)
+    projected = rows @ dense_matrix(projector, attributor.computer.num_params, torch.float64).numpy().T
+    np.testing.assert_allclose(attributor.checkpoint_hessian(0), projected.T @ projected / len(data),
+                               rtol=1e-6, atol=1e-12)
+    loss_rows = autograd_rows(model, state, names, task.loss, ids, labels)
+    assert not np.allclose(rows, loss_rows)  # the check can tell the two apart
