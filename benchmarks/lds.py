@@ -105,8 +105,10 @@ class Timed:
         self.seconds[key] = self.seconds.get(key, 0.0) + seconds
 
 
-def _featurized(model, trajectory, path: str, timer: Timed, key: str, **kwargs) -> Attributor:
-    attributor = Attributor(model, ClassificationTask(), trajectory, path, **kwargs)
+def _featurized(model, trajectory, path: str, timer: Timed, key: str, task=None, **kwargs) -> Attributor:
+    """The featurized Attributor of a store at ``path``; ``timer`` gets its featurize
+    seconds, those of the run that made the store when it is reused."""
+    attributor = Attributor(model, ClassificationTask() if task is None else task, trajectory, path, **kwargs)
     sidecar = path + ".seconds.json"
     report = attributor.featurize(progress=False)
     # Featurize time is recorded when a store is made from scratch and reused after.

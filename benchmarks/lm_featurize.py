@@ -1,4 +1,4 @@
-"""Featurize speed and memory on a GPT-2-small-sized language model (the whole job, defaults).
+"""Featurize speed and memory on a GPT-2-small-sized language model (the featurize stage, defaults).
 
     python benchmarks/lm_featurize.py                       # N = 16 and 32, dense and factored
     python benchmarks/lm_featurize.py --sizes 16 32 64 --projections dense
@@ -8,8 +8,9 @@ A GPT-2 with GPT-2 small's config (12 layers, width 768, vocabulary 50,257, abou
 sequences of ``--length`` (128) random token ids, one segment of ``--checkpoints`` (2)
 checkpoints. Each (projection, N) runs in a fresh subprocess, which builds the
 Attributor and runs ``featurize()`` with its defaults (k = 2048, the ``fisher``
-Gauss-Newton Hessian) and reports the wall time of the whole job (building the
-Attributor, which reads and hashes every checkpoint, plus featurize), throughput in
+Gauss-Newton Hessian) and reports the wall time of the featurize stage (building the
+Attributor, which reads and hashes every checkpoint, plus every step of featurize;
+scoring is not timed), throughput in
 sequences × checkpoints per second, and the process's peak resident memory
 (``ru_maxrss``), which should stay flat as N grows: features stream to the store chunk
 by chunk.

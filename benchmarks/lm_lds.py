@@ -70,9 +70,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from lds import Timed, _featurized  # noqa: E402
 from paired_lds import paired_difference  # noqa: E402
 
-from srcproj import Attributor, LanguageModelTask, Segment, Trajectory  # noqa: E402
+from srcproj import LanguageModelTask, Segment, Trajectory  # noqa: E402
 from srcproj.baselines import InfluenceFunction, TracIn  # noqa: E402
 from srcproj.eval import draw_subsets, lds, retrain  # noqa: E402
 from srcproj.text_demo import (  # noqa: E402
@@ -270,34 +271,27 @@ class Settings:
     stores: str | None = None
 
 
-def method_scores(seed: int, settings: Settings, picked: np.ndarray, timer: dict,
+def method_scores(seed: int, settings: Settings, picked: np.ndarray, timer: Timed,
                   scenario: str = "single") -> dict[str, np.ndarray]:
     began = time.perf_counter()
     model, trajectory, attributed = attributed_run(seed, scenario)
+    timer.add("training the attributed model", time.perf_counter() - began)
     name = "lm" if scenario == "single" else f"lm-{scenario}"
     folder = os.path.join(settings.stores or os.path.join(settings.cache, "stores"), name, f"model{seed}")
     os.makedirs(folder, exist_ok=True)
     queries = [data()["queries"][i] for i in picked]
-    attributor = Attributor(model, LanguageModelTask(), trajectory,
-                            os.path.join(folder, f"source_k{settings.proj_dim}.zarr"), proj_dim=settings.proj_dim)
-    started = time.perf_counter()
-    report = attributor.featurize(progress=False)
-    sidecar = os.path.join(folder, f"source_k{settings.proj_dim}.seconds.json")
-    if report.feature_chunks_skipped == 0 and report.feature_chunks_computed:
-        with open(sidecar, "w") as handle:
-            json.dump({"seconds": report.seconds}, handle)
-    featurize = json.load(open(sidecar))["seconds"] if os.path.exists(sidecar) else time.perf_counter() - started
-    timer["training the attributed model"] = timer.get("training the attributed model", 0.0) + started - began
+    attributor = _featurized(model, trajectory, os.path.join(folder, f"source_k{settings.proj_dim}.zarr"), timer,
+                             "SOURCE", task=LanguageModelTask(), proj_dim=settings.proj_dim)
     scores = {}
 
-    def timed(label, fn, base=0.0):
+    def timed(label, fn):
         t = time.perf_counter()
         out = fn()
-        timer[label] = timer.get(label, 0.0) + base + time.perf_counter() - t
+        timer.add(label, time.perf_counter() - t)
         return out
 
     first = attributed[0]
-    scores["SOURCE"] = timed("SOURCE", lambda: attributor.score(queries, segments=attributed), featurize)
+    scores["SOURCE"] = timed("SOURCE", lambda: attributor.score(queries, segments=attributed))
     scores["TracIn (Adam)"] = timed("TracIn (Adam)",
                                     lambda: TracIn(attributor, data_segment=first).score(queries))
     scores["IF"] = timed("IF", lambda: InfluenceFunction(attributor, data_segment=first).score(queries))
@@ -321,7 +315,7 @@ def evaluate(settings: Settings, split: str = "report", progress: bool = True, s
                       processes=settings.processes, progress=progress)
     print(f"  ground truth lm/steps: {outputs.shape} in {time.perf_counter() - began:.1f} s")
     outputs = outputs[:, :, picked]
-    timer: dict[str, float] = {}
+    timer = Timed()
     per_model = [method_scores(chosen["first_model_seed"] + m, settings, picked, timer, scenario)
                  for m in range(settings.models)]
     table, per_query, per_query_ensemble = {}, {}, {}
@@ -333,7 +327,7 @@ def evaluate(settings: Settings, split: str = "report", progress: bool = True, s
         table[f"{key} | steps"] = {"single": single.mean, "single_ci": single.ci_subsets,
                                    "single_ci_queries": single.ci_queries, "ensemble": ensemble.mean,
                                    "ensemble_ci": ensemble.ci_subsets,
-                                   "seconds_per_model": timer.get(key, 0.0) / settings.models}
+                                   "seconds_per_model": timer.seconds.get(key, 0.0) / settings.models}
     others = [k for k in per_query if k != "SOURCE"]
     runner_up = max(others, key=lambda k: table[f"{k} | steps"]["single"])
     d = paired_difference(per_query["SOURCE"], per_query[runner_up])
@@ -358,7 +352,7 @@ def evaluate(settings: Settings, split: str = "report", progress: bool = True, s
         steps = (f"{STEPS} pretraining + {FT_STEPS} fine-tuning steps of {BATCH}, {SEGMENTS} segments of "
                  f"{CHECKPOINTS_PER_SEGMENT} checkpoints per stage")
     return {"lds": table, "description": description, "steps": steps,
-            "source_vs_runner_up": versus, "timer": timer}
+            "source_vs_runner_up": versus, "timer": timer.seconds}
 
 
 def main() -> None:

@@ -177,15 +177,23 @@ class AttributionContext:
                 f"{context.optimizer_record['kind']}, or groups with different learning rates): it would break the "
                 "layers' rank-one gradients. Use the dense RademacherProjector (the default), which applies it "
                 "exactly, also on the fused Gauss-Newton pass")
-        # A loss that depends on the data (a language model's mean count of target
-        # tokens) is set from every distinct training example once, before any is used.
-        task.calibrate(targets for seg, source in enumerate(sources) if groups[seg] == seg
-                       for targets, _ in source.target_blocks())
-        context.num_outputs = context._probe_outputs()
-        for seg, source in enumerate(sources):
-            if groups[seg] == seg:
-                for targets, what in source.target_blocks():
-                    task.validate_targets(targets, context.num_outputs, what)
+        context.num_outputs = context._probe_outputs()  # a forward pass: no loss is taken
+
+        def validated() -> Iterator[torch.Tensor]:
+            for seg, source in enumerate(sources):
+                if groups[seg] == seg:
+                    for targets, what in source.target_blocks():
+                        task.validate_targets(targets, context.num_outputs, what)
+                        yield targets
+
+        # One read of every distinct training target: each block is validated, and a
+        # loss that depends on the data (a language model's mean count of target tokens)
+        # is calibrated from them, before any loss is taken. What calibrate() leaves
+        # unread (the default reads nothing) is still validated.
+        blocks = validated()
+        task.calibrate(blocks)
+        for _ in blocks:
+            pass
         context.estimator = choose_estimator(hessian, task, context.num_outputs, fisher_samples)
         context.trajectory = trajectory
         context.hessian_sample = None if hessian_sample is None else int(hessian_sample)

@@ -4,7 +4,7 @@ A projector only maps. It takes per-example gradient rows ``(B, p)`` to features
 ``(B, k)`` (:meth:`Projector.project`), takes the same rows given as consecutive column
 pieces (:meth:`Projector.project_pieces`) and describes itself
 (:meth:`Projector.describe`). How the gradients are obtained (``torch.func.vmap``,
-hooks on Linear and Conv2d layers, factored layer captures) is the business of
+hooks on Linear, Conv1D and Conv2d layers, factored layer captures) is the business of
 :class:`~srcproj.gradients.ProjectedGradients`, which picks a gradient backend from
 what the projector declares:
 

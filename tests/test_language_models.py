@@ -518,3 +518,27 @@ def test_empirical_hessian_of_a_language_model_uses_sqrt_weights(tmp_path):
                                rtol=1e-6, atol=1e-12)
     loss_rows = autograd_rows(model, state, names, task.loss, ids, labels)
     assert not np.allclose(rows, loss_rows)  # the check can tell the two apart
+
+
+def test_sequence_mean_weighting_and_malformed_sequences():
+    """token_weighting="sequence_mean": each sequence's loss is the mean of its target
+    tokens' cross-entropies (w_t = 1/T_i), whatever the padding; malformed ids and masks
+    are refused by name."""
+    model = tiny_gpt2()
+    task = LanguageModelTask("sequence_mean")
+    examples = sequences(3, seed=13)
+    ids, labels = task.collate(examples, "data")
+    with torch.no_grad():
+        batch = task.loss(model(ids).logits, labels)
+        for i, e in enumerate(examples):
+            x = torch.tensor(e["input_ids"])[None]
+            theirs = model(x, labels=x).loss  # HF's mean over this one sequence's targets
+            torch.testing.assert_close(batch[i], theirs.to(batch.dtype), rtol=1e-6, atol=1e-6)
+    with pytest.raises(DataError, match="1-D sequence of integers"):
+        task.collate([{"input_ids": [0.5, 1.5]}], "data")
+    with pytest.raises(DataError, match="masks every token"):
+        task.collate([{"input_ids": [1, 2], "attention_mask": [0, 0]}], "data")
+    with pytest.raises(DataError, match="attention_mask has shape"):
+        task.collate([{"input_ids": [1, 2], "attention_mask": [1]}], "data")
+    with pytest.raises(ConfigurationError, match="give module names or patterns"):
+        GradientComputer(model, task, modules=[3])
