@@ -380,6 +380,17 @@ class Attributor(AttributionMethod):
         return self.source_method(segments, score_memory_bytes).self_influence(batch_size,
                                                                          score_memory_bytes=score_memory_bytes)
 
+    def aggregate_scores(self, queries: Any, reduction: str = "mean", segments: Sequence[int] | None = None,
+                         batch_size: int = 64, *, score_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> np.ndarray:
+        """Each training example's scores on all ``queries`` as one number, ``(N,)`` float64.
+
+        ``reduction``: ``"mean"`` (default) or ``"total"`` of its scores over the queries,
+        or ``"worst"``, the lowest of them; streamed, without the ``(Q, N)`` matrix
+        (:meth:`AttributionMethod.aggregate_scores`). Other parameters as in :meth:`score`.
+        """
+        return self.source_method(segments, score_memory_bytes).aggregate_scores(
+            queries, reduction, batch_size, score_memory_bytes=score_memory_bytes)
+
     # ------------------------------------------------------------------ stored and derived quantities
     def checkpoint_features(self, checkpoint: int = -1, kind: str = "loss", data_segment: int = 0,
                             batch_size: int = 64) -> np.ndarray:

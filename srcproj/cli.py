@@ -1,4 +1,10 @@
-"""The ``srcproj`` command line: ``srcproj demo``, ``srcproj info STORE`` and ``srcproj verify STORE``.
+"""The ``srcproj`` command line.
+
+The pipeline commands (``featurize``, ``score``, ``top-k``, ``self-influence``,
+``curate``) build the run from one config file (:mod:`srcproj.config`) and write their
+results as files: the store, a zarr score array, or tables (:mod:`srcproj.tables`).
+They report progress on stderr and one summary line on stdout. ``demo``, ``info`` and
+``verify`` need no config.
 
 Errors srcproj raises on purpose (:class:`~srcproj.errors.SrcprojError`) are printed
 as one line, ``srcproj: error: ...``, with exit status 2: they are the user's to fix
@@ -10,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .demo import format_bytes
-from .errors import SrcprojError, StoreMismatchError
+from .errors import ConfigurationError, SrcprojError, StoreMismatchError
 
 if TYPE_CHECKING:
     from .store import AttributionStore
@@ -87,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     verify.set_defaults(handler=_run_verify)
+    _add_pipeline_commands(commands)
     return parser
 
 
@@ -312,6 +321,278 @@ def _run_verify(args: argparse.Namespace) -> int:
     else:
         _print_verify(report)
     return 0 if report.ok else 1
+
+
+# ---------------------------------------------------------------------- pipeline commands
+_EXAMPLES = {
+    "featurize": """example:
+  srcproj featurize -c run.toml
+  srcproj featurize -c run.toml --set store.proj_dim=512 --store small.zarr
+  torchrun --standalone --nproc_per_node=4 -m srcproj featurize -c run.toml
+
+Rerunning resumes: only the units not done yet are computed.""",
+    "score": """example:
+  srcproj score -c run.toml --queries test --out scores.zarr
+
+Row q, column i of the (Q, N) float32 array is query q's score for training example i
+(positive: including the example helps the query).""",
+    "top-k": """example:
+  srcproj top-k -c run.toml --queries test -k 10 --out top10.parquet
+
+One row per query, direction (helpful, harmful) and rank, with the query's and the
+training example's index, label and id columns, and the score.""",
+    "self-influence": """example:
+  srcproj self-influence -c run.toml --out self.csv
+
+The training examples by decreasing self-influence (large: memorized, often
+mislabeled), with index, label, id columns, self_influence and rank.""",
+    "curate": """example:
+  srcproj curate -c run.toml --validation val --aggregate mean --drop-fraction 0.05 --out keep.parquet
+  srcproj curate -c run.toml --validation val --threshold 0 --out keep.csv
+
+The training examples in data-set order with index, label, id columns, influence
+(their aggregated score on the validation set), rank (1: the lowest) and keep.""",
+}
+
+
+def _pipeline_parser(commands: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=help, description=description, epilog=_EXAMPLES[name],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    command.add_argument("-c", "--config", required=True, metavar="FILE", help="the run's TOML config file")
+    command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                         help="override a config key, e.g. --set store.proj_dim=512 (repeatable; the value is "
+                         "read as TOML)")
+    command.add_argument("--store", metavar="PATH", help="the store directory (overrides store.path)")
+    command.add_argument("--batch-size", type=_positive_int, metavar="B",
+                         help=f"examples per gradient batch (overrides {name.replace('-', '_')}.batch_size)")
+    command.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return command
+
+
+def _scoring_options(command: argparse.ArgumentParser, table: bool) -> None:
+    command.add_argument("--out", metavar="PATH", help="where the result is written" + (
+        ": .parquet or .csv" if table else ": a zarr array path"))
+    command.add_argument("--overwrite", action="store_true", help="replace what is already at --out")
+    command.add_argument("--segments", type=_segment_list, metavar="LIST",
+                         help="segments whose terms are summed, e.g. 0,1 (default: those sharing segment 0's data)")
+    if table:
+        command.add_argument("--format", choices=("parquet", "csv"), help="table format (default: from the suffix)")
+
+
+def _segment_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of segment indices") from None
+
+
+def _add_pipeline_commands(commands: Any) -> None:
+    featurize = _pipeline_parser(
+        commands, "featurize", "compute a run's store: features, Hessians, spectra and caches (resumes)",
+        "Build the model, task, data and trajectory the config file names, and featurize the run into its store. "
+        "Rerunning resumes an interrupted store; under torchrun the work is shared by the processes.")
+    featurize.set_defaults(handler=_run_featurize, section="featurize")
+
+    score = _pipeline_parser(commands, "score", "write the dense (Q, N) scores of a query set to a zarr array",
+                             "Score every query of a data set against every training example into a zarr array "
+                             "(float32), streamed in a memory budget.")
+    score.add_argument("--queries", metavar="NAME", help="the data set of [data] to score (overrides score.queries)")
+    _scoring_options(score, table=False)
+    score.set_defaults(handler=_run_score, section="score")
+
+    top = _pipeline_parser(commands, "top-k", "write the most helpful and harmful training examples of each query",
+                           "The k most helpful and k most harmful training examples of every query, as a table.")
+    top.add_argument("--queries", metavar="NAME", help="the data set of [data] to score (overrides top_k.queries)")
+    top.add_argument("-k", type=_positive_int, metavar="K", help="examples per query and direction (top_k.k)")
+    _scoring_options(top, table=True)
+    top.set_defaults(handler=_run_top_k, section="top_k")
+
+    self_influence = _pipeline_parser(
+        commands, "self-influence", "write every training example's score on itself (mislabel hunting)",
+        "Every training example's score on itself, largest first, as a table.")
+    _scoring_options(self_influence, table=True)
+    self_influence.set_defaults(handler=_run_self_influence, section="self_influence")
+
+    curate = _pipeline_parser(
+        commands, "curate", "rank training examples by their influence on a validation set; write keep masks",
+        "Combine each training example's scores on a validation set into one influence (mean, total or worst "
+        "case), drop a fraction or everything below a threshold, and write the keep mask as a table.")
+    curate.add_argument("--validation", metavar="NAME", help="the data set of [data] (overrides curate.validation)")
+    curate.add_argument("--aggregate", choices=("mean", "total", "worst"), help="how scores combine (default: mean)")
+    rule = curate.add_mutually_exclusive_group()
+    rule.add_argument("--drop-fraction", type=float, metavar="F", help="drop this fraction, lowest influence first")
+    rule.add_argument("--threshold", type=float, metavar="T", help="drop the examples whose influence is below T")
+    _scoring_options(curate, table=True)
+    curate.set_defaults(handler=_run_curate, section="curate")
+
+
+def _flag_overrides(args: argparse.Namespace) -> list:
+    """The command's own flags as ``(dotted key, value)`` config overrides (after --set)."""
+    section = args.section
+    flags = {"store": "store.path", "batch_size": f"{section}.batch_size", "out": f"{section}.out",
+             "segments": f"{section}.segments", "queries": f"{section}.queries", "k": f"{section}.k",
+             "validation": f"{section}.validation", "aggregate": f"{section}.aggregate",
+             "drop_fraction": f"{section}.drop_fraction", "threshold": f"{section}.threshold"}
+    pairs = [(key, getattr(args, flag)) for flag, key in flags.items() if getattr(args, flag, None) is not None]
+    if section == "curate" and (args.drop_fraction is not None or args.threshold is not None):
+        # A rule on the command line replaces the file's rule, whichever it was.
+        other = "curate.threshold" if args.drop_fraction is not None else "curate.drop_fraction"
+        pairs.append((other, None))
+    return pairs
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .config import load_config
+
+    return load_config(args.config, [*args.overrides, *_flag_overrides(args)])
+
+
+def _status(message: str, args: argparse.Namespace) -> None:
+    if not args.no_progress:
+        print(f"{_PROG} {args.command}: {message}", file=sys.stderr, flush=True)
+
+
+def _needed(value: Any, key: str, flag: str) -> Any:
+    if value is None:
+        section, name = key.split(".")
+        raise ConfigurationError(f"{key} is not set; give {flag}, or {name} = ... under [{section}] in the config")
+    return value
+
+
+def _run_featurize(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from .distributed import get_rank, init_from_torchrun
+
+    config = _load(args)
+    started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized()
+    if started:
+        init_from_torchrun()
+    try:
+        _status(f"building the run from {config.path}", args)
+        attributor = config.attributor()
+        began = time.perf_counter()
+        report = attributor.featurize(batch_size=config.featurize.batch_size, progress=not args.no_progress)
+        if get_rank() == 0:
+            context = attributor.context
+            done = report.feature_chunks_computed + report.cache_chunks_computed + report.hessians_computed
+            what = "resumed, nothing to compute" if done == 0 and report.spectra_computed == 0 else "complete"
+            print(f"featurized {config.store.path}: {what}; {len(context.checkpoint_segments)} checkpoints in "
+                  f"{context.num_segments} segments, k={attributor.proj_dim}, {report.hessian_estimator} Hessian, "
+                  f"{time.perf_counter() - began:.1f} s")
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return 0
+
+
+def _scoring_run(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """``(config, section, attributor)`` of a scoring command, over an existing store."""
+    config = _load(args)
+    _status(f"building the run from {config.path}", args)
+    attributor = config.attributor(existing=True)
+    attributor.require_featurized()
+    return config, getattr(config, args.section), attributor
+
+
+def _table_target(section: Any, args: argparse.Namespace) -> tuple[str, str]:
+    from .tables import check_table_target
+
+    out = _needed(section.out, f"{args.section}.out", "--out PATH")
+    return out, check_table_target(out, getattr(args, "format", None), overwrite=args.overwrite)
+
+
+def _training_columns(config: Any, attributor: Any, method: Any) -> dict:
+    from .tables import example_columns
+
+    segment = method.segments[0]
+    source = attributor.context.source(segment)
+    name = config.segment_data_name(segment)
+    ids = config.data[name].ids if name in config.data else None
+    return example_columns(source.data, attributor.task, ids=ids, what=source.what, source=source)
+
+
+def _query_columns(config: Any, attributor: Any, name: str, where: str) -> dict:
+    from .tables import example_columns
+
+    return example_columns(config.dataset(name, where), attributor.task, ids=config.data[name].ids,
+                           what=f"the data set {name!r}")
+
+
+def _write(columns: dict, out: str, fmt: str, args: argparse.Namespace) -> int:
+    from .tables import write_table
+
+    write_table(columns, out, fmt, overwrite=args.overwrite)
+    return len(next(iter(columns.values())))
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from .scoring import check_score_target
+
+    config, section, attributor = _scoring_run(args)
+    name = _needed(section.queries, "score.queries", "--queries NAME")
+    out = _needed(section.out, "score.out", "--out PATH")
+    check_score_target(out, args.overwrite, attributor.store.local_root)
+    queries = config.dataset(name, "score.queries")
+    _status(f"scoring the data set {name!r}", args)
+    array = attributor.score(queries, section.segments, section.batch_size,
+                             score_memory_bytes=section.score_memory_bytes, out=out, overwrite=args.overwrite)
+    print(f"wrote scores of shape {tuple(array.shape)} ({name!r} x training examples) to {out}")
+    return 0
+
+
+def _run_top_k(args: argparse.Namespace) -> int:
+    from .tables import top_k_table
+
+    config, section, attributor = _scoring_run(args)
+    name = _needed(section.queries, "top_k.queries", "--queries NAME")
+    out, fmt = _table_target(section, args)
+    method = attributor.source_method(section.segments, section.score_memory_bytes)
+    queries = config.dataset(name, "top_k.queries")
+    _status(f"top {section.k} of the data set {name!r}", args)
+    top = method.top_k(queries, section.k, section.batch_size, score_memory_bytes=section.score_memory_bytes)
+    columns = top_k_table(top, _query_columns(config, attributor, name, "top_k.queries"),
+                          _training_columns(config, attributor, method))
+    rows = _write(columns, out, fmt, args)
+    print(f"wrote the top {top.helpful_indices.shape[1]} helpful and harmful training examples of "
+          f"{top.helpful_indices.shape[0]:,} queries ({rows:,} rows, {fmt}) to {out}")
+    return 0
+
+
+def _run_self_influence(args: argparse.Namespace) -> int:
+    from .tables import self_influence_table
+
+    config, section, attributor = _scoring_run(args)
+    out, fmt = _table_target(section, args)
+    method = attributor.source_method(section.segments, section.score_memory_bytes)
+    _status("scoring every training example on itself", args)
+    values = method.self_influence(section.batch_size, score_memory_bytes=section.score_memory_bytes)
+    rows = _write(self_influence_table(values, _training_columns(config, attributor, method)), out, fmt, args)
+    print(f"wrote the self-influence of {rows:,} training examples ({fmt}, largest first) to {out}")
+    return 0
+
+
+def _run_curate(args: argparse.Namespace) -> int:
+    from .curation import curate, keep_mask
+    from .tables import curation_table
+
+    config, section, attributor = _scoring_run(args)
+    name = _needed(section.validation, "curate.validation", "--validation NAME")
+    if section.drop_fraction is None and section.threshold is None:
+        raise ConfigurationError("curate has no rule; give --drop-fraction F or --threshold T (or drop_fraction or "
+                                 "threshold under [curate])")
+    keep_mask([0.0, 0.0], drop_fraction=section.drop_fraction, threshold=section.threshold)
+    out, fmt = _table_target(section, args)
+    method = attributor.source_method(section.segments, section.score_memory_bytes)
+    validation = config.dataset(name, "curate.validation")
+    _status(f"the {section.aggregate} influence of every training example on {name!r}", args)
+    result = curate(method, validation, aggregate=section.aggregate, drop_fraction=section.drop_fraction,
+                    threshold=section.threshold, batch_size=section.batch_size,
+                    score_memory_bytes=section.score_memory_bytes)
+    _write(curation_table(result, _training_columns(config, attributor, method)), out, fmt, args)
+    print(f"kept {int(result.keep.sum()):,} of {len(result.keep):,} training examples (dropped {result.rule}); "
+          f"wrote the keep mask ({fmt}) to {out}")
+    return 0
 
 
 # ---------------------------------------------------------------------- entry

@@ -163,6 +163,22 @@ class ExampleSource:
             "(input, target) pairs or dicts, or pass whole arrays as a tuple (X, y)"
         )
 
+    def first_item(self) -> Any:
+        """The data set's first example as it yields it; ``None`` for whole arrays ``(X, y)``."""
+        return None if self._dataset is None else self._dataset[0]
+
+    def field_keys(self, example: Mapping) -> set[str]:
+        """The keys of a mapping example that hold its input and its target, as far as
+        they can be told (a task's own ``collate`` may read other keys)."""
+        found = set()
+        for declared, known, role, attribute in ((self._input_key, INPUT_KEYS, "input", "input_key"),
+                                                 (self._target_key, TARGET_KEYS, "target", "target_key")):
+            try:
+                found.add(_pick_key(example, declared, known, role, attribute, self.what))
+            except DataError:
+                pass
+        return found
+
     def rows(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """Examples ``start .. stop-1`` stacked as ``(inputs, targets)``."""
         if self._tensors is not None:

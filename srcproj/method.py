@@ -19,6 +19,7 @@ import numpy as np
 from .errors import ConfigurationError
 from .scoring import (
     DEFAULT_MEMORY_BYTES,
+    REDUCTIONS,
     BlockReader,
     Cache,
     Queries,
@@ -26,6 +27,7 @@ from .scoring import (
     check_memory_bytes,
     check_score_target,
     read_only,
+    reduce_over_queries,
     score_matrix,
     score_to_array,
     self_scores,
@@ -33,7 +35,7 @@ from .scoring import (
     top_k,
 )
 from .source import SegmentSpectrum, unrolling_operators
-from .validation import check_positive_int
+from .validation import check_choice, check_positive_int
 
 __all__ = ["AttributionMethod", "Source"]
 
@@ -112,6 +114,36 @@ class AttributionMethod(ABC):
         memory = check_memory_bytes(score_memory_bytes)
         training = self.training_side()
         return top_k(self.query_side(queries, batch_size), training, k, memory)
+
+    def aggregate_scores(self, queries: Any, reduction: str = "mean", batch_size: int = 64, *,
+                         score_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> np.ndarray:
+        """Each training example's scores on all ``queries`` combined into one number.
+
+        Parameters
+        ----------
+        queries : Dataset or tuple (X, y)
+            The query examples, e.g. a validation set.
+        reduction : {"mean", "total", "worst"}
+            ``"total"``: the sum of the example's scores over the queries (its predicted
+            effect on the summed measurement); ``"mean"``: that over the number of
+            queries; ``"worst"``: the lowest of its scores (its most harmful effect on
+            any one query).
+        batch_size : int
+            Examples per query-gradient batch.
+        score_memory_bytes : int
+            Bound on the transient memory (default 1 GiB); the ``(Q, N)`` scores are
+            never held whole.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(N,)`` in float64; positive: including the example helps.
+        """
+        check_choice(reduction, "reduction", REDUCTIONS)
+        check_positive_int(batch_size, "batch_size")
+        memory = check_memory_bytes(score_memory_bytes)
+        training = self.training_side()
+        return reduce_over_queries(self.query_side(queries, batch_size), training, reduction, memory)
 
     def self_influence(self, batch_size: int = 64, *, score_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> np.ndarray:
         """``score(m, m)`` for every training example, ``(N,)`` in float64."""

@@ -40,6 +40,7 @@ from .store import compressors, fsync_path, local_path
 
 __all__ = [
     "DEFAULT_MEMORY_BYTES",
+    "REDUCTIONS",
     "BlockPlan",
     "Cache",
     "Queries",
@@ -49,6 +50,7 @@ __all__ = [
     "plan_blocks",
     "plan_top_k",
     "read_only",
+    "reduce_over_queries",
     "score_matrix",
     "score_to_array",
     "self_scores",
@@ -586,3 +588,47 @@ def self_scores(query_rows: BlockReader, cache: Cache, memory_bytes: int = DEFAU
         out[r0:r1] = -(psi * block.to(torch.float64)).sum(1).numpy()
     return out
 
+
+
+# ---------------------------------------------------------------------------- reductions over queries
+#: How :func:`reduce_over_queries` combines a training example's scores over the queries.
+REDUCTIONS = ("total", "mean", "worst")
+
+
+def reduce_over_queries(queries: Queries | np.ndarray, cache: Cache, reduction: str,
+                        memory_bytes: int = DEFAULT_MEMORY_BYTES, *, name: str = "score_memory_bytes") -> np.ndarray:
+    """One number per training row over all queries, in float64, without the ``(Q, N)`` matrix.
+
+    ``"total"`` is ``Σ_q score(q, i)``, ``"mean"`` that over ``Q`` and ``"worst"``
+    ``min_q score(q, i)`` (the most harmful effect on any query). Scores are linear in
+    ψ, so the total is one product with ``Σ_q ψ_q``; the worst case needs every score
+    and streams them in blocks like :func:`top_k`.
+    """
+    if reduction not in REDUCTIONS:
+        raise ConfigurationError(f"reduction={reduction!r}; choose one of {', '.join(map(repr, REDUCTIONS))}")
+    queries = queries if isinstance(queries, Queries) else Queries.of(queries)
+    out = np.empty(cache.num_rows, dtype=np.float64)
+    item = np.dtype(cache.dtype).itemsize
+    if reduction in ("total", "mean"):
+        plan = plan_blocks(1, cache, memory_bytes, cell_bytes=0.0, query_row_bytes=0.0,
+                           row_bytes=_cache_row_bytes(cache, PREFETCH) + cache.dim * 8 + 8, name=name)
+        step = max(1, plan.block_rows)
+        summed = np.zeros(cache.dim, dtype=np.float64)
+        for q0 in range(0, queries.count, step):
+            summed += np.asarray(queries.read(q0, min(q0 + step, queries.count)), dtype=np.float64).sum(0)
+        if reduction == "mean":
+            summed /= queries.count
+        direction = torch.from_numpy(summed)
+        rows_only = Queries(lambda start, stop: np.empty((0, cache.dim), cache.dtype), 1)
+        for _, _, _, r0, r1, block in _stream(plan, rows_only, cache, PREFETCH):
+            out[r0:r1] = -(block.to(torch.float64) @ direction).numpy()
+        return out
+    # Per score: the score block and its float64 copy; per row, the running minimum.
+    plan = plan_blocks(queries.count, cache, memory_bytes, cell_bytes=item + 8,
+                       query_row_bytes=2 * cache.dim * item, row_bytes=_cache_row_bytes(cache, PREFETCH) + 16,
+                       name=name)
+    out.fill(np.inf)
+    for _, _, negated, r0, r1, block in _stream(plan, queries, cache, PREFETCH):
+        lowest = torch.mm(negated, block.T).to(torch.float64).amin(0).numpy()
+        np.minimum(out[r0:r1], lowest, out=out[r0:r1])
+    return out
