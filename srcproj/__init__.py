@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .attributor import Attributor, FeaturizeReport
 from .counterfactual import Counterfactual
+from .curation import Curation, curate
 from .errors import (
     CheckpointMismatchError,
     ConfigurationError,
@@ -46,6 +47,8 @@ __all__ = [
     "MatrixProjector",
     "FastJLProjector",
     "TopK",
+    "curate",
+    "Curation",
     "SrcprojError",
     "ConfigurationError",
     "DataError",
