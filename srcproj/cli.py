@@ -486,13 +486,15 @@ def _run_featurize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scoring_run(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """``(config, section, attributor)`` of a scoring command, over an existing store."""
-    config = _load(args)
+def _open_run(config: Any, args: argparse.Namespace) -> Any:
+    """The run's Attributor over its existing, complete store (scoring commands)."""
     _status(f"building the run from {config.path}", args)
     attributor = config.attributor(existing=True)
-    attributor.require_featurized()
-    return config, getattr(config, args.section), attributor
+    try:
+        attributor.require_featurized()
+    except SrcprojError as exc:
+        raise type(exc)(f"{exc} (from the shell: srcproj featurize -c {args.config})") from None
+    return attributor
 
 
 def _table_target(section: Any, args: argparse.Namespace) -> tuple[str, str]:
@@ -529,10 +531,17 @@ def _write(columns: dict, out: str, fmt: str, args: argparse.Namespace) -> int:
 def _run_score(args: argparse.Namespace) -> int:
     from .scoring import check_score_target
 
-    config, section, attributor = _scoring_run(args)
+    config = _load(args)
+    section = config.score
     name = _needed(section.queries, "score.queries", "--queries NAME")
+    config.data_entry(name, "score.queries")
     out = _needed(section.out, "score.out", "--out PATH")
-    check_score_target(out, args.overwrite, attributor.store.local_root)
+    store = config.store.path
+    try:  # the checks that need no model come before building the run
+        check_score_target(out, args.overwrite, store if "://" not in store else None)
+    except SrcprojError as exc:  # name the flag, not the library's argument
+        raise type(exc)(str(exc).replace("pass overwrite=True", "pass --overwrite")) from None
+    attributor = _open_run(config, args)
     queries = config.dataset(name, "score.queries")
     _status(f"scoring the data set {name!r}", args)
     array = attributor.score(queries, section.segments, section.batch_size,
@@ -544,15 +553,20 @@ def _run_score(args: argparse.Namespace) -> int:
 def _run_top_k(args: argparse.Namespace) -> int:
     from .tables import top_k_table
 
-    config, section, attributor = _scoring_run(args)
+    config = _load(args)
+    section = config.top_k
     name = _needed(section.queries, "top_k.queries", "--queries NAME")
+    config.data_entry(name, "top_k.queries")
     out, fmt = _table_target(section, args)
+    attributor = _open_run(config, args)
     method = attributor.source_method(section.segments, section.score_memory_bytes)
     queries = config.dataset(name, "top_k.queries")
+    # The columns first: a wrong id column is reported before the scoring, not after it.
+    query_columns = _query_columns(config, attributor, name, "top_k.queries")
+    train_columns = _training_columns(config, attributor, method)
     _status(f"top {section.k} of the data set {name!r}", args)
     top = method.top_k(queries, section.k, section.batch_size, score_memory_bytes=section.score_memory_bytes)
-    columns = top_k_table(top, _query_columns(config, attributor, name, "top_k.queries"),
-                          _training_columns(config, attributor, method))
+    columns = top_k_table(top, query_columns, train_columns)
     rows = _write(columns, out, fmt, args)
     print(f"wrote the top {top.helpful_indices.shape[1]} helpful and harmful training examples of "
           f"{top.helpful_indices.shape[0]:,} queries ({rows:,} rows, {fmt}) to {out}")
@@ -562,34 +576,47 @@ def _run_top_k(args: argparse.Namespace) -> int:
 def _run_self_influence(args: argparse.Namespace) -> int:
     from .tables import self_influence_table
 
-    config, section, attributor = _scoring_run(args)
+    config = _load(args)
+    section = config.self_influence
     out, fmt = _table_target(section, args)
+    attributor = _open_run(config, args)
     method = attributor.source_method(section.segments, section.score_memory_bytes)
+    train_columns = _training_columns(config, attributor, method)  # checks the id columns before the scoring
     _status("scoring every training example on itself", args)
     values = method.self_influence(section.batch_size, score_memory_bytes=section.score_memory_bytes)
-    rows = _write(self_influence_table(values, _training_columns(config, attributor, method)), out, fmt, args)
+    rows = _write(self_influence_table(values, train_columns), out, fmt, args)
     print(f"wrote the self-influence of {rows:,} training examples ({fmt}, largest first) to {out}")
     return 0
 
 
 def _run_curate(args: argparse.Namespace) -> int:
     from .curation import curate, keep_mask
+    from .scoring import REDUCTIONS
     from .tables import curation_table
+    from .validation import check_choice
 
-    config, section, attributor = _scoring_run(args)
+    config = _load(args)
+    section = config.curate
     name = _needed(section.validation, "curate.validation", "--validation NAME")
+    config.data_entry(name, "curate.validation")
     if section.drop_fraction is None and section.threshold is None:
         raise ConfigurationError("curate has no rule; give --drop-fraction F or --threshold T (or drop_fraction or "
                                  "threshold under [curate])")
+    if section.drop_fraction is not None and section.threshold is not None:
+        raise ConfigurationError("curate has two rules, drop_fraction and threshold; keep one of them under "
+                                 "[curate] (a --drop-fraction or --threshold flag replaces the file's rule)")
     keep_mask([0.0, 0.0], drop_fraction=section.drop_fraction, threshold=section.threshold)
+    check_choice(section.aggregate, "curate.aggregate", REDUCTIONS)
     out, fmt = _table_target(section, args)
+    attributor = _open_run(config, args)
     method = attributor.source_method(section.segments, section.score_memory_bytes)
     validation = config.dataset(name, "curate.validation")
+    train_columns = _training_columns(config, attributor, method)  # checks the id columns before the scoring
     _status(f"the {section.aggregate} influence of every training example on {name!r}", args)
     result = curate(method, validation, aggregate=section.aggregate, drop_fraction=section.drop_fraction,
                     threshold=section.threshold, batch_size=section.batch_size,
                     score_memory_bytes=section.score_memory_bytes)
-    _write(curation_table(result, _training_columns(config, attributor, method)), out, fmt, args)
+    _write(curation_table(result, train_columns), out, fmt, args)
     print(f"kept {int(result.keep.sum()):,} of {len(result.keep):,} training examples (dropped {result.rule}); "
           f"wrote the keep mask ({fmt}) to {out}")
     return 0

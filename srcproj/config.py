@@ -35,13 +35,14 @@ import difflib
 import glob
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, StoreError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,13 +56,19 @@ __all__ = ["EntryPoint", "RunConfig", "load_config", "parse_override"]
 PATH_KEYS = ("store.path", "trajectory.manifest", "score.out", "top_k.out", "self_influence.out", "curate.out")
 
 
+def _kind(value: Any) -> str:
+    """"a list", "an int": the type of ``value`` with its article."""
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
+
 def _problem(where: str, message: str) -> ConfigurationError:
     return ConfigurationError(f"{where}: {message}")
 
 
 def _table(value: Any, where: str) -> dict:
     if not isinstance(value, Mapping):
-        raise _problem(where, f"it is a {type(value).__name__}, not a table; write it as [{where}] with keys")
+        raise _problem(where, f"it is {_kind(value)}, not a table; write it as [{where}] with keys")
     return dict(value)
 
 
@@ -76,8 +83,14 @@ def _check_keys(table: Mapping, known: Sequence[str], where: str) -> None:
 def _section(cls: type, table: Any, where: str, **extra: Any) -> Any:
     """``cls(**table)`` after refusing keys it does not have."""
     table = _table({} if table is None else table, where)
-    known = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in extra and not f.name.startswith("_")]
+    fields = [f for f in dataclasses.fields(cls) if f.init and f.name not in extra and not f.name.startswith("_")]
+    known = [f.name for f in fields]
     _check_keys(table, known, where)
+    missing = [f.name for f in fields if f.name not in table
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise _problem(where, f"it has no {', '.join(missing)}; give {' and '.join(missing)} (the keys of "
+                       f"[{where}] are {', '.join(known)})")
     return cls(**table, **extra, _where=where)
 
 
@@ -98,6 +111,10 @@ def _resolve_path(base: str, value: str) -> str:
 
 
 # ---------------------------------------------------------------------------- entry points
+# Modules loaded from .py paths, by absolute path.
+_FILE_MODULES: dict[str, Any] = {}
+
+
 @dataclass
 class EntryPoint:
     """The user's code a run is built from: ``"module:attribute"`` and keyword arguments.
@@ -142,17 +159,20 @@ class EntryPoint:
             path = _resolve_path(base_dir, module_name)
             if not os.path.isfile(path):
                 raise _problem(where, f"no file {path!r}; give a path relative to the config file, or a module name")
-            spec = importlib.util.spec_from_file_location(f"_srcproj_entry_{abs(hash(path))}", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
+            module = _FILE_MODULES.get(path)
+            if module is None:  # run each file once: the entries of one file share its module state
+                spec = importlib.util.spec_from_file_location(f"_srcproj_entry_{len(_FILE_MODULES)}", path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+                _FILE_MODULES[path] = module
         else:
             if base_dir not in sys.path:
                 sys.path.insert(0, base_dir)
             try:
                 module = importlib.import_module(module_name)
             except ModuleNotFoundError as exc:
-                if exc.name is None or not module_name.startswith(exc.name):
+                if exc.name is None or not (module_name == exc.name or module_name.startswith(exc.name + ".")):
                     raise  # the user's module imports something missing: its own traceback says what
                 raise _problem(where, f"no module named {exc.name!r} (looked in the installed packages and in "
                                f"{base_dir!r}); install it, put it beside the config file, or give a .py "
@@ -169,6 +189,13 @@ class EntryPoint:
         """Call the entry point with its kwargs (or return it, when it is not callable)."""
         value = self.resolve(base_dir)
         if callable(value):
+            try:
+                inspect.signature(value).bind(**self.kwargs)
+            except TypeError as exc:  # the kwargs do not fit: the config's mistake, not the user's code
+                raise _problem(f"{self._where}.kwargs", f"{self.entry!r} does not take {self.kwargs!r} ({exc}); "
+                               "give only the keyword arguments it takes") from None
+            except ValueError:
+                pass  # no signature to check (a builtin): the call says
             return value(**self.kwargs)
         if self.kwargs:
             raise _problem(f"{self._where}.kwargs", f"{self.entry!r} is not callable, so it takes no kwargs")
@@ -243,8 +270,9 @@ class TrajectorySettings:
     def __post_init__(self) -> None:
         given = [name for name in ("manifest", "entry", "segments") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise _problem("trajectory", f"it gives {', '.join(given) if given else 'none'} of manifest, entry and "
-                           "segments; give exactly one: manifest = \"run\" (a TrajectoryRecorder's directory), "
+            gives = " and ".join(given) if given else "none of manifest, entry and segments"
+            raise _problem("trajectory", f"it gives {gives}; give exactly one: manifest = \"run\" (a "
+                           "TrajectoryRecorder's directory), "
                            "segments = [...] (inline), or entry = \"module:function\" (returns a Trajectory)")
         if self.manifest is not None:
             _expect(self.manifest, str, "trajectory.manifest", "the path of a recorded run's manifest or directory")
@@ -299,6 +327,9 @@ class StoreSettings:
         if self.path is None:
             raise _problem("store.path", "missing; give the store's directory, e.g. path = \"run.zarr\" (or --store)")
         _expect(self.path, str, "store.path", "a directory path or a zarr store URL")
+        for name in ("proj_dim", "seed", "chunk_size", "fisher_samples"):
+            _expect(getattr(self, name), int, f"store.{name}", "a whole number")
+        _expect(self.hessian_sample, int, "store.hessian_sample", "a whole number of examples", optional=True)
         if self.projector not in ("rademacher", "kronecker"):
             raise _problem("store.projector", f"{self.projector!r}; choose \"rademacher\" (dense, the default) or "
                            "\"kronecker\" (factored layers)")
@@ -441,7 +472,7 @@ class RunConfig:
         def make() -> Any:
             model = self.model.load(self.base_dir)
             if not isinstance(model, nn.Module):
-                raise _problem("model.entry", f"{self.model.entry!r} returned a {type(model).__name__}; it must "
+                raise _problem("model.entry", f"{self.model.entry!r} returned {_kind(model)}; it must "
                                "return the torch nn.Module (the architecture; weights come from the checkpoints)")
             return model
 
@@ -453,7 +484,7 @@ class RunConfig:
         def make() -> Any:
             task = self.task.load(self.base_dir)
             if not isinstance(task, Task):
-                raise _problem("task.entry", f"{self.task.entry!r} gave a {type(task).__name__}; it must give a "
+                raise _problem("task.entry", f"{self.task.entry!r} gave {_kind(task)}; it must give a "
                                "srcproj Task, e.g. \"srcproj:ClassificationTask\" or a subclass of srcproj.Task")
             return task
 
@@ -484,7 +515,7 @@ class RunConfig:
         if settings.entry is not None:
             trajectory = settings.entry.load(self.base_dir)
             if not isinstance(trajectory, Trajectory):
-                raise _problem("trajectory.entry", f"{settings.entry.entry!r} returned a {type(trajectory).__name__}; "
+                raise _problem("trajectory.entry", f"{settings.entry.entry!r} returned {_kind(trajectory)}; "
                                "it must return a srcproj.Trajectory")
             return trajectory
         if settings.manifest is not None:
@@ -523,7 +554,12 @@ class RunConfig:
 
         store = self.store
         if existing:
-            AttributionStore.read(store.path)  # refuses a missing path or a non-srcproj directory
+            try:
+                AttributionStore.read(store.path)  # refuses a missing path or a non-srcproj directory
+            except StoreError as exc:
+                raise StoreError(f"{exc}; the scoring commands read the store `srcproj featurize -c "
+                                 f"{os.path.basename(self.path)}` makes: featurize first, or point --store "
+                                 "(store.path) at that store") from None
         projector = KroneckerProjector(store.proj_dim, store.seed) if store.projector == "kronecker" else None
         return Attributor(
             self.build_model(), self.build_task(), self.build_trajectory(), store.path, store.proj_dim, store.seed,
@@ -614,7 +650,14 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str | tuple[str, An
         if ".".join(parts) in PATH_KEYS and isinstance(value, str):
             value = _resolve_path(os.getcwd(), value)
         _apply(raw, parts, value, shown)
-    _check_keys(raw, list(_SECTIONS), "the config")
+    for key in raw:
+        if key not in _SECTIONS:
+            owners = [f"{name}.{key}" for name, cls in _SECTIONS.items()
+                      if cls is not None and key in {f.name for f in dataclasses.fields(cls)}]
+            close = owners or [f"[{name}]" for name in difflib.get_close_matches(str(key), list(_SECTIONS), n=1)]
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise ConfigurationError(f"{key}: unknown section or top-level key; {hint}the sections are "
+                                     f"{', '.join(f'[{name}]' for name in _SECTIONS)}")
     for name in ("model", "task"):
         if name not in raw:
             raise _problem(name, f"missing; give [{name}] entry = \"module:function\"")
