@@ -323,7 +323,8 @@ class Attributor(AttributionMethod):
         return self.source_method().self_query_side(batch_size)
 
     def score(self, queries: Any, segments: Sequence[int] | None = None, batch_size: int = 64, *,
-              score_memory_bytes: int = DEFAULT_MEMORY_BYTES, out: Any = None, overwrite: bool = False) -> Any:
+              score_memory_bytes: int = DEFAULT_MEMORY_BYTES, out: Any = None, overwrite: bool = False,
+              normalize: str = "none") -> Any:
         """Scores ``(Q, N)``: positive = including the training example helps the query.
 
         Parameters
@@ -347,28 +348,40 @@ class Attributor(AttributionMethod):
             array there instead of returning them in memory.
         overwrite : bool
             Replace a zarr array or group already at ``out`` (default: refuse it).
+        normalize : {"none", "train", "both"}
+            ``"none"`` (default): raw scores, the predicted effect of removing each training
+            example (the counterfactual question). ``"train"``: each training example's
+            scores divided by the norm of its cache row ``‖t_i‖``; ``"both"``: also each
+            query's by the norm of its ψ, so the score is ``-cos(ψ_q, t_i)``. Normalised
+            scores answer "which training examples are most like this query in the
+            model's view" (docs/concepts.md, "Raw and normalised scores").
 
         Returns
         -------
         numpy.ndarray or zarr.Array
             The ``(Q, N)`` scores; with ``out``, the zarr array, opened read-only. Its
             ``attrs["srcproj_scores"]["complete"]`` is True once every chunk is durably
-            written; an interrupted call leaves it False (unwritten chunks read as NaN).
+            written; an interrupted call leaves it False (unwritten chunks read as NaN);
+            ``attrs["srcproj_scores"]["normalize"]`` records ``normalize``.
         """
         return self.source_method(segments, score_memory_bytes).score(
-            queries, batch_size, score_memory_bytes=score_memory_bytes, out=out, overwrite=overwrite)
+            queries, batch_size, score_memory_bytes=score_memory_bytes, out=out, overwrite=overwrite,
+            normalize=normalize)
 
     def top_k(self, queries: Any, k: int = 10, segments: Sequence[int] | None = None, batch_size: int = 64, *,
-              score_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> TopK:
+              score_memory_bytes: int = DEFAULT_MEMORY_BYTES, normalize: str = "none") -> TopK:
         """The ``k`` most helpful and most harmful training examples per query, streamed.
 
         ``score_memory_bytes`` bounds the transient memory (default 1 GiB): score blocks,
         cache blocks and query batches are sized to fit it, so neither ``Q`` nor ``N``
-        changes the peak beyond the ``(Q, k)`` result. Other parameters as in :meth:`score`.
+        changes the peak beyond the ``(Q, k)`` result. ``normalize="train"`` or ``"both"``
+        ranks by normalised scores (explanation by example; see :meth:`score`). Other
+        parameters as in :meth:`score`.
         """
         check_positive_int(k, "k")
         return self.source_method(segments, score_memory_bytes).top_k(queries, k, batch_size,
-                                                                score_memory_bytes=score_memory_bytes)
+                                                                score_memory_bytes=score_memory_bytes,
+                                                                normalize=normalize)
 
     def self_influence(self, segments: Sequence[int] | None = None, batch_size: int = 64, *,
                        score_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> np.ndarray:
@@ -380,16 +393,16 @@ class Attributor(AttributionMethod):
         return self.source_method(segments, score_memory_bytes).self_influence(batch_size,
                                                                          score_memory_bytes=score_memory_bytes)
 
-    def aggregate_scores(self, queries: Any, reduction: str = "mean", segments: Sequence[int] | None = None,
+    def aggregate_scores(self, queries: Any, aggregate: str = "mean", segments: Sequence[int] | None = None,
                          batch_size: int = 64, *, score_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> np.ndarray:
         """Each training example's scores on all ``queries`` as one number, ``(N,)`` float64.
 
-        ``reduction``: ``"mean"`` (default) or ``"total"`` of its scores over the queries,
+        ``aggregate``: ``"mean"`` (default) or ``"total"`` of its scores over the queries,
         or ``"worst"``, the lowest of them; streamed, without the ``(Q, N)`` matrix
         (:meth:`AttributionMethod.aggregate_scores`). Other parameters as in :meth:`score`.
         """
         return self.source_method(segments, score_memory_bytes).aggregate_scores(
-            queries, reduction, batch_size, score_memory_bytes=score_memory_bytes)
+            queries, aggregate, batch_size, score_memory_bytes=score_memory_bytes)
 
     # ------------------------------------------------------------------ stored and derived quantities
     def checkpoint_features(self, checkpoint: int = -1, kind: str = "loss", data_segment: int = 0,

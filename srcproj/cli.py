@@ -365,7 +365,8 @@ def _pipeline_parser(commands: Any, name: str, help: str, description: str) -> a
     command.add_argument("--store", metavar="PATH", help="the store directory (overrides store.path)")
     command.add_argument("--batch-size", type=_positive_int, metavar="B",
                          help=f"examples per gradient batch (overrides {name.replace('-', '_')}.batch_size)")
-    command.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    command.add_argument("--no-progress", action="store_true", help="hide the progress bar and the status lines "
+                         "on stderr")
     return command
 
 
@@ -448,7 +449,9 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _status(message: str, args: argparse.Namespace) -> None:
-    if not args.no_progress:
+    from .distributed import get_rank
+
+    if not args.no_progress and get_rank() == 0:
         print(f"{_PROG} {args.command}: {message}", file=sys.stderr, flush=True)
 
 

@@ -37,6 +37,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,6 +102,18 @@ def _expect(value: Any, types: type | tuple[type, ...], where: str, wanted: str,
         raise _problem(where, f"{value!r}; it must be {wanted}")
     if not isinstance(value, types):
         raise _problem(where, f"{value!r} ({type(value).__name__}); it must be {wanted}")
+    return value
+
+
+def _natural(text: str) -> list:
+    """A sort key that orders the numbers inside names by value."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _positive(value: Any, where: str, wanted: str) -> int:
+    _expect(value, int, where, wanted)
+    if value < 1:
+        raise _problem(where, f"{value!r}; it must be {wanted}")
     return value
 
 
@@ -239,7 +252,7 @@ class SegmentEntry:
     def files(self, base_dir: str) -> list[str]:
         if isinstance(self.checkpoints, str):
             pattern = _resolve_path(base_dir, self.checkpoints)
-            found = sorted(glob.glob(pattern))
+            found = sorted(glob.glob(pattern), key=_natural)  # step9 before step10
             if not found:
                 raise _problem(f"{self._where}.checkpoints", f"the pattern {pattern!r} matches no file")
             return found
@@ -294,6 +307,12 @@ class TrajectorySettings:
             if kind not in _OPTIMIZER_KINDS:
                 raise _problem("trajectory.optimizer.kind", f"{kind!r}; choose one of {', '.join(_OPTIMIZER_KINDS)} "
                                "and give its settings beside it (momentum, betas, eps, weight_decay...)")
+        if self.optimizer is not None:
+            both = [n for n in ("momentum", "weight_decay", "nesterov", "dampening")
+                    if getattr(self, n) not in (0.0, False)]
+            if both:
+                raise _problem("trajectory", f"it gives optimizer and also {', '.join(both)}; the optimizer carries "
+                               "its own settings: give them inside optimizer = { kind = ..., ... } only")
         if self.manifest is not None or self.entry is not None:
             inline = [n for n in ("optimizer", "momentum", "weight_decay", "nesterov", "dampening", "batch_size")
                       if getattr(self, n) not in (None, 0.0, False)]
@@ -368,7 +387,7 @@ class FeaturizeSettings:
     _where: str = "featurize"
 
     def __post_init__(self) -> None:
-        _expect(self.batch_size, int, "featurize.batch_size", "a whole number of examples")
+        _positive(self.batch_size, "featurize.batch_size", "a whole number of examples, at least 1")
 
 
 @dataclass
@@ -380,8 +399,8 @@ class _Scoring:
     _where: str = ""
 
     def __post_init__(self) -> None:
-        _expect(self.batch_size, int, f"{self._where}.batch_size", "a whole number of examples")
-        _expect(self.score_memory_bytes, int, f"{self._where}.score_memory_bytes", "a whole number of bytes")
+        _positive(self.batch_size, f"{self._where}.batch_size", "a whole number of examples, at least 1")
+        _positive(self.score_memory_bytes, f"{self._where}.score_memory_bytes", "a whole number of bytes, at least 1")
         if self.segments is not None:
             _expect(self.segments, list, f"{self._where}.segments", "a list of segment indices")
         _optional_out(self.out, f"{self._where}.out")
@@ -408,7 +427,7 @@ class TopKSettings(_Scoring):
     def __post_init__(self) -> None:
         super().__post_init__()
         _optional_data_name(self.queries, "top_k.queries")
-        _expect(self.k, int, "top_k.k", "a whole number of examples")
+        _positive(self.k, "top_k.k", "a whole number of examples, at least 1")
 
 
 @dataclass

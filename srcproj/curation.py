@@ -38,7 +38,8 @@ class Curation:
     aggregate : str
         ``"mean"``, ``"total"`` or ``"worst"``.
     rule : str
-        What was dropped, in words (``"the 10% with the lowest mean influence"``).
+        What was dropped, in words (``"the 72 examples (0.05 of 1,437) with the lowest mean
+        influence"``).
     """
 
     influence: np.ndarray
@@ -84,6 +85,9 @@ def keep_mask(influence: np.ndarray, *, drop_fraction: float | None = None,
         return keep, f"the {count:,} examples ({fraction:.4g} of {len(influence):,}) with the lowest influence"
     limit = check_finite(threshold, "threshold")
     keep = influence >= limit
+    if not keep.any():
+        raise ConfigurationError(f"threshold={limit:g} drops every one of the {len(influence):,} examples (the highest "
+                                 f"influence is {influence.max():.6g}); give a lower threshold, or a drop_fraction")
     return keep, f"the {int((~keep).sum()):,} examples with influence below {limit:.6g}"
 
 

@@ -71,7 +71,7 @@ class AttributionMethod(ABC):
         return {"method": self.name, "sign": "positive: including the training example helps the query"}
 
     def score(self, queries: Any, batch_size: int = 64, *, score_memory_bytes: int = DEFAULT_MEMORY_BYTES,
-              out: Any = None, overwrite: bool = False) -> Any:
+              out: Any = None, overwrite: bool = False, normalize: str = "none") -> Any:
         """Scores ``(Q, N)``: positive = including the training example helps the query.
 
         Parameters
@@ -86,36 +86,54 @@ class AttributionMethod(ABC):
             Write the scores into a new zarr v3 array there instead of returning them.
         overwrite : bool
             Replace a zarr array or group already at ``out`` (default: refuse it).
+        normalize : {"none", "train", "both"}
+            ``"none"`` (default): raw scores, the predicted effect of removing the example.
+            ``"train"``: each training example's scores divided by the norm of its
+            training-side row; ``"both"``: also each query's by the norm of its query-side
+            row (a cosine). See :mod:`srcproj.normalization`; recorded in the array's attrs.
 
         Returns
         -------
         numpy.ndarray or zarr.Array
             The ``(Q, N)`` scores; with ``out``, the zarr array, opened read-only.
         """
+        from .normalization import check_normalize, normalize_sides
+
+        normalize = check_normalize(normalize)
         check_positive_int(batch_size, "batch_size")
         memory = check_memory_bytes(score_memory_bytes)
         local = check_score_target(out, overwrite, self.protected_location()) if out is not None else None
         training = self.training_side()
         psi = self.query_side(queries, batch_size)
+        training, psi = normalize_sides(training, psi, normalize, memory)
         if out is None:
             return score_matrix(psi, training, memory)
+        attributes = self.describe_scores()
+        if normalize != "none" or "normalize" not in attributes:
+            attributes["normalize"] = normalize
         return score_to_array(psi, training, out, memory, overwrite=overwrite, local_root=local,
-                              attributes=self.describe_scores())
+                              attributes=attributes)
 
     def top_k(self, queries: Any, k: int = 10, batch_size: int = 64, *,
-              score_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> TopK:
+              score_memory_bytes: int = DEFAULT_MEMORY_BYTES, normalize: str = "none") -> TopK:
         """The ``k`` most helpful and most harmful training examples per query, streamed.
 
         ``score_memory_bytes`` bounds the transient memory (default 1 GiB): neither the
         number of queries nor of training examples changes the peak beyond the result.
+        ``normalize`` ranks (and returns) the normalised scores of :meth:`score`:
+        ``"train"`` or ``"both"`` for explanation by example, ``"none"`` (default) for
+        the predicted effect of removal.
         """
+        from .normalization import check_normalize, normalize_sides
+
+        normalize = check_normalize(normalize)
         k = check_positive_int(k, "k")
         check_positive_int(batch_size, "batch_size")
         memory = check_memory_bytes(score_memory_bytes)
-        training = self.training_side()
-        return top_k(self.query_side(queries, batch_size), training, k, memory)
+        training, psi = normalize_sides(self.training_side(), self.query_side(queries, batch_size), normalize, memory)
+        return top_k(psi, training, k, memory)
 
-    def aggregate_scores(self, queries: Any, reduction: str = "mean", batch_size: int = 64, *,
+    def aggregate_scores(self, queries: Any, aggregate: str = "mean", batch_size: int = 64, *,
                          score_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> np.ndarray:
         """Each training example's scores on all ``queries`` combined into one number.
 
@@ -123,7 +141,7 @@ class AttributionMethod(ABC):
         ----------
         queries : Dataset or tuple (X, y)
             The query examples, e.g. a validation set.
-        reduction : {"mean", "total", "worst"}
+        aggregate : {"mean", "total", "worst"}
             ``"total"``: the sum of the example's scores over the queries (its predicted
             effect on the summed measurement); ``"mean"``: that over the number of
             queries; ``"worst"``: the lowest of its scores (its most harmful effect on
@@ -139,11 +157,11 @@ class AttributionMethod(ABC):
         numpy.ndarray
             ``(N,)`` in float64; positive: including the example helps.
         """
-        check_choice(reduction, "reduction", REDUCTIONS)
+        check_choice(aggregate, "aggregate", REDUCTIONS)
         check_positive_int(batch_size, "batch_size")
         memory = check_memory_bytes(score_memory_bytes)
         training = self.training_side()
-        return reduce_over_queries(self.query_side(queries, batch_size), training, reduction, memory)
+        return reduce_over_queries(self.query_side(queries, batch_size), training, aggregate, memory)
 
     def self_influence(self, batch_size: int = 64, *, score_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> np.ndarray:
         """``score(m, m)`` for every training example, ``(N,)`` in float64."""

@@ -165,11 +165,14 @@ def curation_table(curation: Any, train_columns: Mapping[str, np.ndarray]) -> di
 
 
 def _format_of(path: str, format: str | None) -> str:
+    suffix = os.path.splitext(path)[1].lower()
     if format is not None:
         if format not in set(TABLE_FORMATS.values()):
             raise ConfigurationError(f"format={format!r}; choose 'parquet' or 'csv'")
+        if TABLE_FORMATS.get(suffix, format) != format:
+            raise ConfigurationError(f"the table path {path!r} ends in {suffix} but the format asked for is {format}; "
+                                     "make them agree (or leave the format to the suffix)")
         return format
-    suffix = os.path.splitext(path)[1].lower()
     if suffix not in TABLE_FORMATS:
         raise ConfigurationError(f"cannot tell the table format of {path!r} from its suffix; name the file "
                                  f"{', '.join(TABLE_FORMATS)} (or give the format: 'parquet' or 'csv')")

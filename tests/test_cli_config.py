@@ -666,3 +666,26 @@ def test_command_mistakes_are_reported_before_the_run_is_built(tiny_dir, argv, n
     path = _tiny(tiny_dir, replace=('entry = "tiny_entry:build_model"', 'entry = "no_such_module:build_model"'))
     line = _fails([argv[0], *QUIET, "-c", path, *argv[1:]], needle)
     assert "no_such_module" not in line
+
+
+def test_trajectory_optimizer_beside_the_sgd_shorthand(tiny_dir):
+    path = _tiny(tiny_dir, replace=("[store]", 'momentum = 0.5\n[trajectory.optimizer]\nkind = "sgd"\n\n[store]'))
+    _fails(["featurize", *QUIET, "-c", path], "trajectory:", "optimizer and also momentum",
+           "inside optimizer = { kind = ..., ... } only")
+
+
+@pytest.mark.parametrize("key", ["featurize.batch_size=0", "top_k.k=-1", "curate.batch_size=0",
+                                 "score.score_memory_bytes=0"])
+def test_counts_below_one_are_refused_when_the_file_is_read(tiny_dir, key):
+    path = _tiny(tiny_dir, replace=('entry = "tiny_entry:build_model"', 'entry = "no_such_module:build_model"'))
+    _fails(["featurize", *QUIET, "-c", path, "--set", key], key.split("=")[0], "at least 1")
+
+
+def test_a_checkpoint_glob_is_in_the_numbers_order(tiny_dir, tmp_path):
+    from srcproj.config import load_config
+
+    for step in (9, 10, 100, 11):
+        (tmp_path / f"step{step}.pt").write_bytes(b"")
+    path = _tiny(tiny_dir, replace=('["a.pt", "b.pt"]', f'"{tmp_path}/step*.pt"'))
+    files = load_config(path).trajectory.segments[0].files(str(tiny_dir))
+    assert [os.path.basename(f) for f in files] == ["step9.pt", "step10.pt", "step11.pt", "step100.pt"]

@@ -114,13 +114,17 @@ def test_curate_writes_the_keep_mask_the_api_gives(pipeline, api):
     expected = curate(attributor, config.dataset("validation"), aggregate="mean", drop_fraction=0.05)
     np.testing.assert_allclose(table["influence"], expected.influence, rtol=1e-6, atol=1e-12)
     assert table["keep"].tolist() == expected.keep.tolist()
-    # A threshold on the command line replaces the rule; worst case from a flag.
-    srcproj("curate", "-c", "config.toml", "--set", f"store.proj_dim={K}", "--aggregate", "worst", "--threshold",
-            "0", "--out", "worst.csv", cwd=pipeline)
+    # The worst case from a flag; a threshold on the command line replaces the rule.
+    srcproj("curate", "-c", "config.toml", "--set", f"store.proj_dim={K}", "--aggregate", "worst",
+            "--drop-fraction", "0.2", "--out", "worst.csv", cwd=pipeline)
     worst = pd.read_csv(pipeline / "worst.csv")
     scores = attributor.score(config.dataset("validation")).astype(np.float64)
     np.testing.assert_allclose(worst["influence"], scores.min(0), rtol=1e-5, atol=1e-7)
-    assert worst["keep"].tolist() == (worst["influence"] >= 0).tolist()
+    assert (~worst["keep"]).sum() == 287  # round(0.2 * 1437)
+    srcproj("curate", "-c", "config.toml", "--set", f"store.proj_dim={K}", "--set", "curate.drop_fraction=0.5",
+            "--threshold", "0", "--out", "harmful.csv", cwd=pipeline)
+    harmful = pd.read_csv(pipeline / "harmful.csv")
+    assert harmful["keep"].tolist() == (expected.influence >= 0).tolist()
 
 
 @pytest.mark.slow

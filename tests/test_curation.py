@@ -65,6 +65,12 @@ def test_a_threshold_drops_everything_below_it():
     assert "2 examples" in rule and "below 0" in rule
 
 
+def test_a_threshold_that_drops_everything_is_refused():
+    with pytest.raises(ConfigurationError, match=r"threshold=1 drops every one of the 3 examples \(the highest "
+                                                 r"influence is 0.5\); give a lower threshold"):
+        keep_mask(np.array([0.5, -1.0, 0.0]), threshold=1.0)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "exactly one of drop_fraction"),
     ({"drop_fraction": 0.1, "threshold": 0.0}, "exactly one of drop_fraction"),

@@ -133,6 +133,9 @@ def test_curation_table_keeps_data_set_order(tmp_path):
 def test_bad_table_targets_are_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigurationError, match="cannot tell the table format"):
         check_table_target(tmp_path / "out.txt")
+    with pytest.raises(ConfigurationError, match="ends in .parquet but the format asked for is csv"):
+        check_table_target(tmp_path / "out.parquet", format="csv")
+    assert check_table_target(tmp_path / "out.tsv.gz", format="csv") == "csv"  # an unknown suffix: the format says
     with pytest.raises(ConfigurationError, match="is a directory"):
         check_table_target(tmp_path, format="csv")
     with pytest.raises(ConfigurationError, match="does not exist"):
