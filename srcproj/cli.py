@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     verify.set_defaults(handler=_run_verify)
     _add_pipeline_commands(commands)
+    _add_report_command(commands)
     return parser
 
 
@@ -387,6 +388,11 @@ def _segment_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of segment indices") from None
 
 
+_NORMALIZE_HELP = ("rank by raw or normalised scores: none (raw: the predicted effect of removing the example), "
+                   "train (divided by the norm of the training example's row) or both (also by the query's: a "
+                   "cosine); overrides {key}.normalize")
+
+
 def _add_pipeline_commands(commands: Any) -> None:
     featurize = _pipeline_parser(
         commands, "featurize", "compute a run's store: features, Hessians, spectra and caches (resumes)",
@@ -399,6 +405,7 @@ def _add_pipeline_commands(commands: Any) -> None:
                              "(float32), streamed in a memory budget.")
     score.add_argument("--queries", metavar="NAME", help="the data set of [data] to score (overrides score.queries)")
     _scoring_options(score, table=False)
+    score.add_argument("--normalize", choices=("none", "train", "both"), help=_NORMALIZE_HELP.format(key="score"))
     score.set_defaults(handler=_run_score, section="score")
 
     top = _pipeline_parser(commands, "top-k", "write the most helpful and harmful training examples of each query",
@@ -406,6 +413,7 @@ def _add_pipeline_commands(commands: Any) -> None:
     top.add_argument("--queries", metavar="NAME", help="the data set of [data] to score (overrides top_k.queries)")
     top.add_argument("-k", type=_positive_int, metavar="K", help="examples per query and direction (top_k.k)")
     _scoring_options(top, table=True)
+    top.add_argument("--normalize", choices=("none", "train", "both"), help=_NORMALIZE_HELP.format(key="top_k"))
     top.set_defaults(handler=_run_top_k, section="top_k")
 
     self_influence = _pipeline_parser(
@@ -433,7 +441,8 @@ def _flag_overrides(args: argparse.Namespace) -> list:
     flags = {"store": "store.path", "batch_size": f"{section}.batch_size", "out": f"{section}.out",
              "segments": f"{section}.segments", "queries": f"{section}.queries", "k": f"{section}.k",
              "validation": f"{section}.validation", "aggregate": f"{section}.aggregate",
-             "drop_fraction": f"{section}.drop_fraction", "threshold": f"{section}.threshold"}
+             "drop_fraction": f"{section}.drop_fraction", "threshold": f"{section}.threshold",
+             "normalize": f"{section}.normalize"}
     pairs = [(key, getattr(args, flag)) for flag, key in flags.items() if getattr(args, flag, None) is not None]
     if section == "curate" and (args.drop_fraction is not None or args.threshold is not None):
         # A rule on the command line replaces the file's rule, whichever it was.
@@ -548,7 +557,8 @@ def _run_score(args: argparse.Namespace) -> int:
     queries = config.dataset(name, "score.queries")
     _status(f"scoring the data set {name!r}", args)
     array = attributor.score(queries, section.segments, section.batch_size,
-                             score_memory_bytes=section.score_memory_bytes, out=out, overwrite=args.overwrite)
+                             score_memory_bytes=section.score_memory_bytes, out=out, overwrite=args.overwrite,
+                             normalize=section.normalize)
     print(f"wrote scores of shape {tuple(array.shape)} ({name!r} x training examples) to {out}")
     return 0
 
@@ -568,7 +578,8 @@ def _run_top_k(args: argparse.Namespace) -> int:
     query_columns = _query_columns(config, attributor, name, "top_k.queries")
     train_columns = _training_columns(config, attributor, method)
     _status(f"top {section.k} of the data set {name!r}", args)
-    top = method.top_k(queries, section.k, section.batch_size, score_memory_bytes=section.score_memory_bytes)
+    top = method.top_k(queries, section.k, section.batch_size, score_memory_bytes=section.score_memory_bytes,
+                       normalize=section.normalize)
     columns = top_k_table(top, query_columns, train_columns)
     rows = _write(columns, out, fmt, args)
     print(f"wrote the top {top.helpful_indices.shape[1]} helpful and harmful training examples of "
@@ -622,6 +633,142 @@ def _run_curate(args: argparse.Namespace) -> int:
     _write(curation_table(result, train_columns), out, fmt, args)
     print(f"kept {int(result.keep.sum()):,} of {len(result.keep):,} training examples (dropped {result.rule}); "
           f"wrote the keep mask ({fmt}) to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------- report
+_EXAMPLES["report"] = """example:
+  srcproj report -c run.toml --queries test --out report.html
+  srcproj report -c run.toml --queries test --validation val -k 5 --max-queries 20 --out report.html
+
+One self-contained HTML file: each of the first queries beside its most helpful and
+harmful training examples (images, passages or ids, with scores and labels), the
+self-influence distribution with the flagged examples, and with --validation the
+curation summary. Its figures need matplotlib: pip install 'srcproj[plots]'."""
+
+
+def _add_report_command(commands: Any) -> None:
+    report = _pipeline_parser(
+        commands, "report", "write a self-contained HTML report of a run's attributions, for a person to read",
+        "Score the first queries of a data set, every training example on itself and, with --validation, every "
+        "training example's influence on a validation set; write what a person looks at as one HTML file with "
+        "its figures embedded (docs/report.md).")
+    report.add_argument("--queries", metavar="NAME", help="the data set of [data] whose queries are shown (overrides "
+                        "report.queries)")
+    report.add_argument("--validation", metavar="NAME", help="a data set of [data] to curate on, for the curation "
+                        "summary (overrides report.validation)")
+    report.add_argument("-k", type=_positive_int, metavar="K",
+                        help="helpful and harmful examples per query (report.k, default 5)")
+    report.add_argument("--max-queries", type=_positive_int, metavar="Q",
+                        help="how many queries are shown, the first of the set (report.max_queries, default 20)")
+    report.add_argument("--flag-fraction", type=float, metavar="F", help="the fraction of the training set flagged, "
+                        "largest self-influence first (report.flag_fraction, default 0.02)")
+    report.add_argument("--aggregate", choices=("mean", "total", "worst"),
+                        help="how the validation scores combine (report.aggregate, default mean)")
+    rule = report.add_mutually_exclusive_group()
+    rule.add_argument("--drop-fraction", type=float, metavar="F",
+                      help="curation drops this fraction, lowest influence first (default 0.05)")
+    rule.add_argument("--threshold", type=float, metavar="T",
+                      help="curation drops the examples whose influence is below T")
+    report.add_argument("--out", metavar="PATH", help="the HTML file written (overrides report.out)")
+    report.add_argument("--overwrite", action="store_true", help="replace the file already at --out")
+    report.add_argument("--segments", type=_segment_list, metavar="LIST",
+                        help="segments whose terms are summed, e.g. 0,1 (default: those sharing segment 0's data)")
+    report.set_defaults(handler=_run_report, section="report")
+
+
+def _report_overrides(args: argparse.Namespace) -> list:
+    """The report's own flags as config overrides, beside :func:`_flag_overrides`'."""
+    pairs = [(key, getattr(args, flag)) for flag, key in (("max_queries", "report.max_queries"),
+                                                          ("flag_fraction", "report.flag_fraction"))
+             if getattr(args, flag) is not None]
+    if args.drop_fraction is not None or args.threshold is not None:
+        # A rule on the command line replaces the file's rule, whichever it was.
+        pairs.append(("report.threshold" if args.drop_fraction is not None else "report.drop_fraction", None))
+    return pairs
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .curation import keep_mask
+    from .report import (
+        DEFAULT_DROP_FRACTION,
+        check_report_target,
+        compute_report,
+        example_views,
+        render_report,
+        require_matplotlib,
+        write_report,
+    )
+    from .scoring import REDUCTIONS
+    from .validation import check_choice
+
+    config = load_config(args.config, [*args.overrides, *_flag_overrides(args), *_report_overrides(args)])
+    section = config.report
+    name = _needed(section.queries, "report.queries", "--queries NAME")
+    config.data_entry(name, "report.queries")
+    validation_name, drop_fraction = section.validation, section.drop_fraction
+    if validation_name is not None:  # the curation's settings, before any work
+        config.data_entry(validation_name, "report.validation")
+        check_choice(section.aggregate, "report.aggregate", REDUCTIONS)
+        if drop_fraction is None and section.threshold is None:
+            drop_fraction = DEFAULT_DROP_FRACTION
+        keep_mask([0.0, 0.0], drop_fraction=drop_fraction, threshold=section.threshold)
+    out = check_report_target(_needed(section.out, "report.out", "--out PATH"), args.overwrite)
+    require_matplotlib()
+    attributor = _open_run(config, args)
+    method = attributor.source_method(section.segments, section.score_memory_bytes)
+    queries = config.dataset(name, "report.queries")
+    validation = None if validation_name is None else config.dataset(validation_name, "report.validation")
+    # The columns and how the examples look first: a wrong id column, image shape or text key
+    # is reported before the scoring, not after it.
+    query_columns = _query_columns(config, attributor, name, "report.queries")
+    train_columns = _training_columns(config, attributor, method)
+    source = attributor.context.source(method.segments[0])
+    look = {"task": attributor.task, "image_shape": section.image_shape, "text_key": section.text_key}
+    sides = {"query": {"data": queries, "columns": query_columns, "what": f"the data set {name!r}"},
+             "training": {"data": source.data, "columns": train_columns, "what": source.what, "source": source}}
+    try:
+        for side in sides.values():
+            example_views(indices=[0], **side, **look)
+    except ConfigurationError as exc:  # name the config key
+        message = str(exc)
+        raise ConfigurationError(f"report.{message}" if message.startswith(("image_shape", "text_key"))
+                                 else message) from None
+    results = compute_report(method, queries, k=section.k, max_queries=section.max_queries,
+                             flag_fraction=section.flag_fraction, validation=validation, aggregate=section.aggregate,
+                             drop_fraction=drop_fraction, threshold=section.threshold,
+                             batch_size=section.batch_size, score_memory_bytes=section.score_memory_bytes,
+                             progress=lambda message: _status(message, args))
+    _status("drawing the report", args)
+    query_views = example_views(indices=results.query_indices, **sides["query"], **look)
+    training_views = example_views(indices=results.training_indices(), **sides["training"], **look)
+    shown, flagged = len(results.query_indices), len(results.flagged)
+
+    def where(path: str) -> str:  # under the working directory: relative to it
+        relative = path if "://" in path else os.path.relpath(path)
+        return path if relative.startswith("..") else relative
+
+    summary = {
+        "run": where(config.path),
+        "store": where(config.store.path),
+        "projection": f"k = {attributor.proj_dim}",
+        "training examples": f"{len(train_columns['index']):,}",
+        "queries": f"{name}: the first {shown:,} of {len(query_columns['index']):,}",
+        "top-k": f"{section.k} helpful and {section.k} harmful training examples per query",
+        "flagged": results.flag_rule,
+        "validation": validation_name or "none (no curation summary)",
+    }
+    document = render_report(results, query_views, training_views, summary=summary,
+                             title=f"srcproj report: {os.path.basename(config.path)}",
+                             validation_name=validation_name,
+                             footer=f"srcproj {__version__}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    size = write_report(document, out, overwrite=args.overwrite)
+    curation = results.curation
+    curated = "" if curation is None else (f", the curation on {validation_name!r} (kept "
+                                           f"{int(curation.keep.sum()):,} of {len(curation.keep):,})")
+    print(f"wrote the report of {shown:,} queries (top {section.k}), {flagged:,} flagged training examples"
+          f"{curated} ({format_bytes(size)}) to {out}")
     return 0
 
 

@@ -54,7 +54,8 @@ __all__ = ["EntryPoint", "RunConfig", "load_config", "parse_override"]
 
 # Keys whose values are paths: relative to the config file's directory when written in
 # it, to the working directory when given on the command line.
-PATH_KEYS = ("store.path", "trajectory.manifest", "score.out", "top_k.out", "self_influence.out", "curate.out")
+PATH_KEYS = ("store.path", "trajectory.manifest", "score.out", "top_k.out", "self_influence.out", "curate.out",
+             "report.out")
 
 
 def _kind(value: Any) -> str:
@@ -406,28 +407,44 @@ class _Scoring:
         _optional_out(self.out, f"{self._where}.out")
 
 
+def _normalize(value: Any, where: str) -> str:
+    """A ``normalize`` key: "none", "train" or "both" (srcproj.normalization)."""
+    choices = ("none", "train", "both")
+    if not isinstance(value, str) or value not in choices:
+        raise _problem(where, f"{value!r}; it must be one of {', '.join(map(repr, choices))}: 'none' for raw scores "
+                       "(the predicted effect of removal), 'train' or 'both' for normalised ones (explanation by "
+                       "example)")
+    return value
+
+
 @dataclass
 class ScoreSettings(_Scoring):
-    """``[score]``: dense scores of ``queries`` to a zarr array at ``out``."""
+    """``[score]``: dense scores of ``queries`` to a zarr array at ``out``; ``normalize``: "none",
+    "train" or "both" (srcproj.normalization)."""
 
     queries: str | None = None
+    normalize: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _optional_data_name(self.queries, "score.queries")
+        _normalize(self.normalize, "score.normalize")
 
 
 @dataclass
 class TopKSettings(_Scoring):
-    """``[top_k]``: the ``k`` most helpful and harmful training examples of each query."""
+    """``[top_k]``: the ``k`` most helpful and harmful training examples of each query, ranked by
+    raw or normalised scores (``normalize``: "none", "train" or "both")."""
 
     queries: str | None = None
     k: int = 10
+    normalize: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _optional_data_name(self.queries, "top_k.queries")
         _positive(self.k, "top_k.k", "a whole number of examples, at least 1")
+        _normalize(self.normalize, "top_k.normalize")
 
 
 @dataclass
@@ -449,10 +466,57 @@ class CurateSettings(_Scoring):
         _optional_data_name(self.validation, "curate.validation")
 
 
+@dataclass
+class ReportSettings(_Scoring):
+    """``[report]``: the HTML report (``srcproj report``) of ``queries``, with the curation on
+    ``validation`` when it is set.
+
+    ``k`` helpful and harmful examples for each of the first ``max_queries`` queries; the
+    ``flag_fraction`` of the training set with the largest self-influence flagged; the
+    curation's ``aggregate`` and rule (``drop_fraction`` or ``threshold``; 0.05 of the
+    set dropped when neither is set); ``image_shape`` (e.g. ``[8, 8]``) shows each input
+    as an image of that shape, ``text_key`` names the id field holding each example's text.
+    """
+
+    queries: str | None = None
+    validation: str | None = None
+    k: int = 5
+    max_queries: int = 20
+    flag_fraction: float = 0.02
+    aggregate: str = "mean"
+    drop_fraction: float | None = None
+    threshold: float | None = None
+    image_shape: list | None = None
+    text_key: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _optional_data_name(self.queries, "report.queries")
+        _optional_data_name(self.validation, "report.validation")
+        for name, wanted in (("k", "a whole number of examples, at least 1"),
+                             ("max_queries", "a whole number of queries, at least 1")):
+            value = _expect(getattr(self, name), int, f"report.{name}", wanted)
+            if value < 1:
+                raise _problem(f"report.{name}", f"{value!r}; it must be {wanted}")
+        fraction = _expect(self.flag_fraction, (int, float), "report.flag_fraction", "a fraction in [0, 1), e.g. 0.02")
+        if not 0 <= fraction < 1:
+            raise _problem("report.flag_fraction", f"{fraction!r}; it must be a fraction in [0, 1), e.g. 0.02 (0 "
+                           "flags none)")
+        _expect(self.drop_fraction, (int, float), "report.drop_fraction", "a fraction in [0, 1)", optional=True)
+        _expect(self.threshold, (int, float), "report.threshold", "a number", optional=True)
+        if self.drop_fraction is not None and self.threshold is not None:
+            raise _problem("report", "it has two curation rules, drop_fraction and threshold; keep one of them (a "
+                           "--drop-fraction or --threshold flag replaces the file's rule)")
+        _expect(self.image_shape, list, "report.image_shape", "a list of sizes, e.g. [8, 8] or [3, 32, 32]",
+                optional=True)
+        _expect(self.text_key, str, "report.text_key", "the name of an id field holding text, e.g. \"text\"",
+                optional=True)
+
+
 _SECTIONS = {
     "model": None, "task": None, "data": None, "trajectory": TrajectorySettings, "store": StoreSettings,
     "featurize": FeaturizeSettings, "score": ScoreSettings, "top_k": TopKSettings,
-    "self_influence": SelfInfluenceSettings, "curate": CurateSettings,
+    "self_influence": SelfInfluenceSettings, "curate": CurateSettings, "report": ReportSettings,
 }
 
 
@@ -477,6 +541,7 @@ class RunConfig:
     top_k: TopKSettings
     self_influence: SelfInfluenceSettings
     curate: CurateSettings
+    report: ReportSettings
     _built: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ parts
