@@ -78,3 +78,22 @@ def test_language_model_lds_smoke(tmp_path):
     assert entry["source_vs_runner_up"]["steps"]["other"] in methods - {"SOURCE"}
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 8  # 8 subsets × 1 seed
     assert "| SOURCE |" in (tmp_path / "lm.md").read_text()
+
+
+def test_normalized_scores_benchmark_smoke(tmp_path):
+    """benchmarks/normalized.py --smoke: label agreement of raw and normalised scores on every
+    scenario (no LDS without the cached ground truth)."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "normalized.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "normalized.py"), "--smoke", "--cache",
+                           str(tmp_path), "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results["scenarios"]) == {"converged", "noisy-short", "two-stage", "cnn-digits", "cnn-bn"}
+    for entry in results["scenarios"].values():
+        rows = entry["rows"]
+        for name in ("SOURCE, normalize='none'", "SOURCE, normalize='train'", "RepSim (reference)"):
+            assert 0.0 <= rows[name]["label_agreement"] <= 1.0
+    # Normalising by the training row's norm stops favouring high-norm examples, even at toy size.
+    converged = results["scenarios"]["converged"]["rows"]
+    assert converged["SOURCE, normalize='train'"]["norm_pct"] < converged["SOURCE, normalize='none'"]["norm_pct"]
