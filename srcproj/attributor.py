@@ -349,12 +349,13 @@ class Attributor(AttributionMethod):
         overwrite : bool
             Replace a zarr array or group already at ``out`` (default: refuse it).
         normalize : {"none", "train", "both"}
-            ``"none"`` (default): raw scores, the predicted effect of removing each training
-            example (the counterfactual question). ``"train"``: each training example's
-            scores divided by the norm of its cache row ``‖t_i‖``; ``"both"``: also each
-            query's by the norm of its ψ, so the score is ``-cos(ψ_q, t_i)``. Normalised
-            scores answer "which training examples are most like this query in the
-            model's view" (docs/concepts.md, "Raw and normalised scores").
+            ``"none"`` (default): raw scores, the predicted effect of including each training
+            example (the counterfactual question; removing it has the opposite effect).
+            ``"train"``: each training example's scores divided by the norm of its cache
+            row ``‖t_i‖``; ``"both"``: also each query's by the norm of its ψ, so the
+            score is ``-cos(ψ_q, t_i)``. Normalised scores answer "which training examples
+            are most like this query in the model's view" (docs/concepts.md, "Raw and
+            normalised scores").
 
         Returns
         -------

@@ -388,7 +388,7 @@ def _segment_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of segment indices") from None
 
 
-_NORMALIZE_HELP = ("rank by raw or normalised scores: none (raw: the predicted effect of removing the example), "
+_NORMALIZE_HELP = ("raw or normalised scores: none (raw: the predicted effect of including the example), "
                    "train (divided by the norm of the training example's row) or both (also by the query's: a "
                    "cosine); overrides {key}.normalize")
 
@@ -583,7 +583,8 @@ def _run_top_k(args: argparse.Namespace) -> int:
     columns = top_k_table(top, query_columns, train_columns)
     rows = _write(columns, out, fmt, args)
     print(f"wrote the top {top.helpful_indices.shape[1]} helpful and harmful training examples of "
-          f"{top.helpful_indices.shape[0]:,} queries ({rows:,} rows, {fmt}) to {out}")
+          f"{top.helpful_indices.shape[0]:,} queries ({rows:,} rows, {fmt}"
+          f"{'' if section.normalize == 'none' else f', scores normalized: {section.normalize}'}) to {out}")
     return 0
 
 

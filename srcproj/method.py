@@ -87,7 +87,7 @@ class AttributionMethod(ABC):
         overwrite : bool
             Replace a zarr array or group already at ``out`` (default: refuse it).
         normalize : {"none", "train", "both"}
-            ``"none"`` (default): raw scores, the predicted effect of removing the example.
+            ``"none"`` (default): raw scores, the predicted effect of including the example.
             ``"train"``: each training example's scores divided by the norm of its
             training-side row; ``"both"``: also each query's by the norm of its query-side
             row (a cosine). See :mod:`srcproj.normalization`; recorded in the array's attrs.

@@ -1,7 +1,7 @@
 """Normalised scores for explanation by example: the two sides of ``-Ψ Tᵀ`` rescaled.
 
-A raw score ``s(q, i) = -ψ_qᵀ t_i`` is the predicted effect of removing training example
-``i`` on query ``q``: examples with large training-side rows ``t_i`` (large, often
+A raw score ``s(q, i) = -ψ_qᵀ t_i`` is the predicted effect on query ``q`` of including training
+example ``i`` (removing it has the opposite effect): examples with large training-side rows ``t_i`` (large, often
 unusual gradients) dominate every query's ranking. Normalising asks another question,
 "which training examples does the model treat most like this query", and divides
 (docs/concepts.md, "Raw and normalised scores: which question each answers"):
@@ -54,7 +54,7 @@ def check_normalize(value: Any, name: str = "normalize") -> str:
     """``value`` as one of :data:`NORMALIZATIONS`, or :class:`ConfigurationError` naming them."""
     if not isinstance(value, str) or value not in NORMALIZATIONS:
         raise ConfigurationError(
-            f"{name}={value!r}; choose 'none' (raw scores: the predicted effect of removing the training "
+            f"{name}={value!r}; choose 'none' (raw scores: the predicted effect of including the training "
             "example), 'train' (each training example's scores divided by the norm of its training-side row) or "
             "'both' (also each query's scores divided by its norm: a cosine)"
         )

@@ -41,7 +41,7 @@ from .curation import Curation, curate, keep_mask
 from .data import ExampleSource
 from .errors import ConfigurationError, DataError
 from .scoring import DEFAULT_MEMORY_BYTES, REDUCTIONS, TopK
-from .tables import example_columns
+from .tables import example_columns, readable_by_others
 from .validation import check_choice, check_positive_int, check_probability
 
 __all__ = [
@@ -707,6 +707,7 @@ def write_report(document: str, path: str | os.PathLike, *, overwrite: bool = Fa
     path = check_report_target(path, overwrite)
     data = document.encode("utf-8")
     handle, temporary = tempfile.mkstemp(prefix=".srcproj-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    readable_by_others(temporary)  # a report is meant to be shared: the user's umask decides, as for open()
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)

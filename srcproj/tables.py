@@ -27,6 +27,7 @@ __all__ = [
     "check_table_target",
     "curation_table",
     "example_columns",
+    "readable_by_others",
     "self_influence_table",
     "top_k_table",
     "write_table",
@@ -211,6 +212,14 @@ def _csv_cell(value: Any) -> Any:
     return repr(value) if isinstance(value, float) else value
 
 
+def readable_by_others(path: str) -> None:
+    """Give a file made by :func:`tempfile.mkstemp` (owner-only) the mode ``open()`` would:
+    0o666 less the user's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_table(columns: Mapping[str, np.ndarray], path: str | os.PathLike, format: str | None = None, *,
                 overwrite: bool = False) -> str:
     """Write equal-length columns to ``path`` as Parquet or CSV; return the format.
@@ -224,6 +233,7 @@ def write_table(columns: Mapping[str, np.ndarray], path: str | os.PathLike, form
         raise ConfigurationError(f"the columns differ in length: {lengths}")
     handle, temporary = tempfile.mkstemp(prefix=".srcproj-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
     os.close(handle)
+    readable_by_others(temporary)  # mkstemp makes it owner-only; the user's umask decides, as for open()
     try:
         if chosen == "parquet":
             import pyarrow as pa

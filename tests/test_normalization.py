@@ -351,6 +351,7 @@ def test_cli_top_k_normalize_flag_equals_the_api(cli_run, normalize):
     code, stdout, err = _cli(["top-k", "-c", str(root / "run.toml"), "--normalize", normalize, "--out", str(out),
                               "--no-progress"])
     assert code == 0, err
+    assert f"scores normalized: {normalize})" in stdout  # the summary says which scores the table holds
     table = pd.read_csv(out)
     top = attributor.top_k(config.dataset("test"), k=3, normalize=normalize)
     helpful = table[table.direction == "helpful"].sort_values(["query_index", "rank"])

@@ -164,3 +164,12 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_pyarrow)
     with pytest.raises(ConfigurationError, match=r"srcproj\[tables\]"):
         check_table_target(tmp_path / "out.parquet")
+
+
+def test_a_table_gets_the_mode_open_would_give_it(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        write_table({"a": np.arange(2)}, tmp_path / "t.csv")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "t.csv").stat().st_mode & 0o777 == 0o644
