@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .attributor import Attributor, FeaturizeReport
 from .counterfactual import Counterfactual
 from .curation import Curation, curate
+from .detection import MislabelScores, detect_mislabeled
 from .errors import (
     CheckpointMismatchError,
     ConfigurationError,
@@ -49,6 +50,8 @@ __all__ = [
     "TopK",
     "curate",
     "Curation",
+    "detect_mislabeled",
+    "MislabelScores",
     "SrcprojError",
     "ConfigurationError",
     "DataError",

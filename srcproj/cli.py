@@ -692,6 +692,7 @@ def _report_overrides(args: argparse.Namespace) -> list:
 def _run_report(args: argparse.Namespace) -> int:
     from .config import load_config
     from .curation import keep_mask
+    from .detection import detect_mislabeled
     from .report import (
         DEFAULT_DROP_FRACTION,
         check_report_target,
@@ -736,7 +737,12 @@ def _run_report(args: argparse.Namespace) -> int:
         message = str(exc)
         raise ConfigurationError(f"report.{message}" if message.startswith(("image_shape", "text_key"))
                                  else message) from None
-    results = compute_report(method, queries, k=section.k, max_queries=section.max_queries,
+    suspicion = None
+    if section.flag_fraction > 0:
+        _status("the default mislabel detector's suspicion of every training example", args)
+        suspicion = detect_mislabeled(attributor, components="used", data_segment=method.segments[0],
+                                      batch_size=section.batch_size)
+    results = compute_report(method, queries, k=section.k, max_queries=section.max_queries, suspicion=suspicion,
                              flag_fraction=section.flag_fraction, validation=validation, aggregate=section.aggregate,
                              drop_fraction=drop_fraction, threshold=section.threshold,
                              batch_size=section.batch_size, score_memory_bytes=section.score_memory_bytes,

@@ -147,13 +147,13 @@ class ReportResults:
 
 
 # ---------------------------------------------------------------------------- computing
-def flag_examples(self_influence: np.ndarray, fraction: float) -> tuple[np.ndarray, str]:
+def flag_examples(self_influence: np.ndarray, fraction: float, suspicion: Any = None) -> tuple[np.ndarray, str]:
     """The training examples a report flags as suspicious, most suspicious first, and the rule.
 
-    The flag is the ``round(fraction · N)`` largest self-influences: an example the
-    model could only fit by memorizing it (often a mislabeled one) has a large score
-    on itself. This is the one place the report decides what is flagged; a dedicated
-    mislabel detector would replace the ranking here.
+    With ``suspicion`` (a :class:`~srcproj.detection.MislabelScores`), the flag is the
+    ``round(fraction · N)`` examples its detector ranks most likely mislabeled; without
+    it, the largest self-influences (an example the model could only fit by memorizing
+    it, often a mislabeled one, has a large score on itself).
 
     Parameters
     ----------
@@ -161,11 +161,13 @@ def flag_examples(self_influence: np.ndarray, fraction: float) -> tuple[np.ndarr
         ``(N,)`` every training example's score on itself.
     fraction : float
         In ``[0, 1)``: the fraction flagged (0 flags none).
+    suspicion : MislabelScores, optional
+        The mislabel detector's scores of the same examples (:func:`srcproj.detect_mislabeled`).
 
     Returns
     -------
     indices : numpy.ndarray
-        The flagged examples by decreasing self-influence (ties in data-set order).
+        The flagged examples, most suspicious first (ties in data-set order).
     rule : str
         The rule in words.
     """
@@ -175,9 +177,15 @@ def flag_examples(self_influence: np.ndarray, fraction: float) -> tuple[np.ndarr
     fraction = check_probability(fraction, "flag_fraction", allow_one=False,
                                  hint=": the fraction of the training set flagged, e.g. 0.02")
     count = int(math.floor(fraction * len(values) + 0.5))
-    order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")
-    return order[:count], (f"the {count:,} examples ({fraction:.4g} of {len(values):,}) with the largest "
-                           "self-influence")
+    ranking, by = values, "the largest self-influence"
+    if suspicion is not None:
+        ranking = np.asarray(suspicion.scores, dtype=np.float64)
+        if ranking.shape != values.shape:
+            raise ConfigurationError(f"suspicion scores {ranking.shape} do not match the {len(values):,} training "
+                                     "examples; detect on the same data set")
+        by = f"the highest suspicion of mislabeling (detector {suspicion.detector!r}, docs/mislabeled.md)"
+    order = np.argsort(-np.nan_to_num(ranking, nan=-np.inf), kind="stable")
+    return order[:count], f"the {count:,} examples ({fraction:.4g} of {len(values):,}) with {by}"
 
 
 class _Head:
@@ -209,7 +217,7 @@ def _first(data: Any, count: int) -> Any:
 def compute_report(method: Any, queries: Any, *, k: int = 5, max_queries: int = 20, flag_fraction: float = 0.02,
                    validation: Any = None, aggregate: str = "mean", drop_fraction: float | None = None,
                    threshold: float | None = None, most_harmful: int = 12, batch_size: int = 64,
-                   score_memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                   score_memory_bytes: int = DEFAULT_MEMORY_BYTES, suspicion: Any = None,
                    progress: Callable[[str], None] | None = None) -> ReportResults:
     """Score what a report shows.
 
@@ -224,7 +232,9 @@ def compute_report(method: Any, queries: Any, *, k: int = 5, max_queries: int = 
     max_queries : int
         How many queries the report shows.
     flag_fraction : float
-        The fraction of the training set flagged (:func:`flag_examples`).
+        The fraction of the training set flagged (:func:`flag_examples`): those
+        ``suspicion`` ranks most likely mislabeled, or without it the largest
+        self-influences.
     validation : Dataset or tuple (X, y), optional
         With it, the training set is curated on it (:func:`srcproj.curate`).
     aggregate, drop_fraction, threshold
@@ -234,6 +244,9 @@ def compute_report(method: Any, queries: Any, *, k: int = 5, max_queries: int = 
         How many of the lowest-influence training examples the curation summary shows.
     batch_size, score_memory_bytes
         As in :meth:`Attributor.score`.
+    suspicion : MislabelScores, optional
+        A mislabel detector's scores of the training examples
+        (:func:`srcproj.detect_mislabeled`; ``srcproj report`` passes the default's).
     progress : callable, optional
         Called with a line before each scoring pass.
 
@@ -259,7 +272,7 @@ def compute_report(method: Any, queries: Any, *, k: int = 5, max_queries: int = 
     say("every training example's score on itself")
     values = np.asarray(method.self_influence(batch_size=batch_size, score_memory_bytes=score_memory_bytes),
                         dtype=np.float64)
-    flagged, rule = flag_examples(values, flag_fraction)  # the one switch to a dedicated mislabel detector
+    flagged, rule = flag_examples(values, flag_fraction, suspicion)
     curation, lowest = None, np.zeros(0, dtype=np.int64)
     if validation is not None:
         say(f"the {aggregate} influence of every training example on the validation set")
@@ -623,6 +636,9 @@ def render_report(results: ReportResults, query_views: Mapping[int, ExampleView]
                "the model can only fit by memorizing it, often a mislabeled one, has a large self-influence. "
                f"Flagged: {_e(results.flag_rule)}.</p>")
     line = float(values[flagged].min()) if len(flagged) else None
+    rest = np.delete(values, flagged)
+    if line is not None and len(rest) and rest.max() > line:
+        line = None  # flagged by a detector, not by a self-influence cut: there is no threshold to draw
     figure = _histogram(values, values[flagged], xlabel="self-influence", marked_label="flagged", line=line,
                         line_label="flag threshold" if line is not None else None)
     out.append(f'<figure><img src="{figure}" alt="histogram of the self-influence" />'

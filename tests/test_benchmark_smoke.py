@@ -97,3 +97,17 @@ def test_normalized_scores_benchmark_smoke(tmp_path):
     # Normalising by the training row's norm stops favouring high-norm examples, even at toy size.
     converged = results["scenarios"]["converged"]["rows"]
     assert converged["SOURCE, normalize='train'"]["norm_pct"] < converged["SOURCE, normalize='none'"]["norm_pct"]
+
+
+def test_mislabeled_benchmark_smoke(tmp_path):
+    """benchmarks/mislabeled.py --smoke: every detector on every regime, one seed, k = 64."""
+    pytest.importorskip("sklearn")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "mislabeled.py"), "--smoke", "--cache",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next(tmp_path.rglob("results.json")).read_text())
+    assert len(results["table"]) == 6  # three regimes x two noise rates
+    for detectors in results["table"].values():
+        for name in ("loss", "mean_loss", "self_influence", "tracin", "influence_function"):
+            auc = detectors[name]["auc"][0]
+            assert 0.5 < auc <= 1.0, (name, auc)  # every detector finds flipped labels better than chance

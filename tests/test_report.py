@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from srcproj import ConfigurationError, DataError, TopK, curate
+from srcproj import ConfigurationError, DataError, TopK, curate, detect_mislabeled
 from srcproj.cli import main
 from srcproj.config import load_config
 from srcproj.report import (
@@ -174,10 +174,10 @@ def test_the_digits_report_shows_what_the_api_computes(digits, api, tmp_path, ca
     text = " ".join(page.text)
     assert f"id {test[0]['id']}" in text and f"label {test[0]['label']}" in text
 
-    # The flagged examples are the 2% with the largest self-influence, largest first.
-    values = attributor.self_influence()
+    # The flagged examples are the 2% the default mislabel detector suspects most, most suspicious first.
     flagged = [int(a["data-index"]) for a in page.with_attribute("data-self-influence")]
-    assert flagged == np.argsort(-values, kind="stable")[:29].tolist()
+    assert flagged == detect_mislabeled(attributor).flag(count=29).tolist()
+    assert "highest suspicion of mislabeling (detector 'mean_loss'" in " ".join(page.text)
     # The curation: the 5% default rule, and the lowest influences shown lowest first.
     expected = curate(attributor, config.dataset("validation"), aggregate="mean", drop_fraction=0.05)
     lowest = [int(a["data-index"]) for a in page.with_attribute("data-influence")]
@@ -389,6 +389,20 @@ def test_flag_examples_takes_the_largest_self_influence():
             flag_examples(values, bad)
     with pytest.raises(ConfigurationError, match="one value per training example"):
         flag_examples(np.zeros((2, 2)), 0.1)
+
+
+def test_flag_examples_follows_a_mislabel_detector_when_given_one():
+    from srcproj import MislabelScores
+
+    values = np.array([0.1, 0.9, 0.3, 0.9, 0.2])
+    suspicion = MislabelScores(np.array([5.0, 0.0, 2.0, 1.0, 5.0]), "mean_loss", None, (0,), {})
+    indices, rule = flag_examples(values, 0.4, suspicion)
+    assert indices.tolist() == [0, 4]  # the detector's order, ties in data-set order; not self-influence's
+    assert rule == ("the 2 examples (0.4 of 5) with the highest suspicion of mislabeling (detector 'mean_loss', "
+                    "docs/mislabeled.md)")
+    wrong = MislabelScores(np.zeros(3), "loss", None, (0,), {})
+    with pytest.raises(ConfigurationError, match="do not match the 5 training examples"):
+        flag_examples(values, 0.4, wrong)
 
 
 def test_write_report_is_whole_or_nothing(tmp_path):
