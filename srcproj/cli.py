@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -347,6 +349,13 @@ training example's index, label and id columns, and the score.""",
 
 The training examples by decreasing self-influence (large: memorized, often
 mislabeled), with index, label, id columns, self_influence and rank.""",
+    "mislabeled": """example:
+  srcproj mislabeled -c run.toml --out suspects.parquet
+  srcproj mislabeled -c run.toml --detector self_influence --flag-fraction 0.05 --out suspects.csv
+
+The training examples, most likely mislabeled first, with index, label, id columns,
+suspicion (the detector's score), rank, one column per computed detector and, with
+--flag-fraction, flagged. The default detector and how it was chosen: docs/mislabeled.md.""",
     "curate": """example:
   srcproj curate -c run.toml --validation val --aggregate mean --drop-fraction 0.05 --out keep.parquet
   srcproj curate -c run.toml --validation val --threshold 0 --out keep.csv
@@ -357,7 +366,9 @@ The training examples in data-set order with index, label, id columns, influence
 
 
 def _pipeline_parser(commands: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
-    command = commands.add_parser(name, help=help, description=description, epilog=_EXAMPLES[name],
+    width = max(40, min(shutil.get_terminal_size().columns, 100) - 2)  # the description wrapped as argparse would
+    command = commands.add_parser(name, help=help, description=textwrap.fill(description, width),
+                                  epilog=_EXAMPLES[name],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     command.add_argument("-c", "--config", required=True, metavar="FILE", help="the run's TOML config file")
     command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -371,12 +382,14 @@ def _pipeline_parser(commands: Any, name: str, help: str, description: str) -> a
     return command
 
 
-def _scoring_options(command: argparse.ArgumentParser, table: bool) -> None:
+def _scoring_options(command: argparse.ArgumentParser, table: bool, segments: bool = True) -> None:
     command.add_argument("--out", metavar="PATH", help="where the result is written" + (
         ": .parquet or .csv" if table else ": a zarr array path"))
     command.add_argument("--overwrite", action="store_true", help="replace what is already at --out")
-    command.add_argument("--segments", type=_segment_list, metavar="LIST",
-                         help="segments whose terms are summed, e.g. 0,1 (default: those sharing segment 0's data)")
+    if segments:
+        command.add_argument("--segments", type=_segment_list, metavar="LIST",
+                             help="segments whose terms are summed, e.g. 0,1 (default: those sharing segment 0's "
+                             "data)")
     if table:
         command.add_argument("--format", choices=("parquet", "csv"), help="table format (default: from the suffix)")
 
@@ -422,6 +435,18 @@ def _add_pipeline_commands(commands: Any) -> None:
     _scoring_options(self_influence, table=True)
     self_influence.set_defaults(handler=_run_self_influence, section="self_influence")
 
+    mislabeled = _pipeline_parser(
+        commands, "mislabeled", "rank the training examples by how likely their labels are wrong",
+        "Score every training example with srcproj's mislabel detector (default: the training loss averaged over "
+        "the checkpoints; others: loss, self_influence, tracin, influence_function, fusion) and write them, most "
+        "suspicious first, as a table.")
+    mislabeled.add_argument("--detector", metavar="NAME", help="the detector ranked by (overrides "
+                            "mislabeled.detector; default mean_loss)")
+    mislabeled.add_argument("--flag-fraction", type=float, metavar="F",
+                            help="add a flagged column marking this fraction, most suspicious first")
+    _scoring_options(mislabeled, table=True, segments=False)
+    mislabeled.set_defaults(handler=_run_mislabeled, section="mislabeled")
+
     curate = _pipeline_parser(
         commands, "curate", "rank training examples by their influence on a validation set; write keep masks",
         "Combine each training example's scores on a validation set into one influence (mean, total or worst "
@@ -442,7 +467,8 @@ def _flag_overrides(args: argparse.Namespace) -> list:
              "segments": f"{section}.segments", "queries": f"{section}.queries", "k": f"{section}.k",
              "validation": f"{section}.validation", "aggregate": f"{section}.aggregate",
              "drop_fraction": f"{section}.drop_fraction", "threshold": f"{section}.threshold",
-             "normalize": f"{section}.normalize"}
+             "normalize": f"{section}.normalize", "detector": f"{section}.detector",
+             "flag_fraction": f"{section}.flag_fraction"}
     pairs = [(key, getattr(args, flag)) for flag, key in flags.items() if getattr(args, flag, None) is not None]
     if section == "curate" and (args.drop_fraction is not None or args.threshold is not None):
         # A rule on the command line replaces the file's rule, whichever it was.
@@ -601,6 +627,41 @@ def _run_self_influence(args: argparse.Namespace) -> int:
     values = method.self_influence(section.batch_size, score_memory_bytes=section.score_memory_bytes)
     rows = _write(self_influence_table(values, train_columns), out, fmt, args)
     print(f"wrote the self-influence of {rows:,} training examples ({fmt}, largest first) to {out}")
+    return 0
+
+
+def _run_mislabeled(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .detection import DETECTORS, detect_mislabeled
+    from .tables import example_columns, mislabel_table
+
+    config = _load(args)
+    section = config.mislabeled
+    if section.detector not in DETECTORS:
+        raise ConfigurationError(f"mislabeled.detector={section.detector!r}; choose one of {', '.join(DETECTORS)} "
+                                 "(--detector NAME)")
+    if section.flag_fraction is not None and not 0.0 < section.flag_fraction <= 1.0:
+        raise ConfigurationError(f"mislabeled.flag_fraction={section.flag_fraction!r}; give a fraction in (0, 1] "
+                                 "(--flag-fraction F)")
+    out, fmt = _table_target(section, args)
+    attributor = _open_run(config, args)
+    source = attributor.context.source(attributor.context.selection([section.data_segment])[0])
+    name = config.segment_data_name(section.data_segment)
+    ids = config.data[name].ids if name in config.data else None
+    train_columns = example_columns(source.data, attributor.task, ids=ids, what=source.what, source=source)
+    _status(f"the {section.detector} detector on every training example", args)
+    suspicion = detect_mislabeled(attributor, section.detector, components=section.components,
+                                  data_segment=section.data_segment, damping=section.damping,
+                                  batch_size=section.batch_size)
+    columns = mislabel_table(suspicion, train_columns)
+    if section.flag_fraction is not None:
+        flagged = suspicion.mask(fraction=section.flag_fraction)
+        columns["flagged"] = flagged[np.argsort(-np.asarray(suspicion.scores, dtype=np.float64), kind="stable")]
+    rows = _write(columns, out, fmt, args)
+    accuracy = "" if suspicion.training_accuracy is None else f", training accuracy {suspicion.training_accuracy:.3f}"
+    print(f"wrote the mislabel suspicion of {rows:,} training examples (detector {suspicion.detector!r}{accuracy}; "
+          f"{fmt}, most suspicious first) to {out}")
     return 0
 
 

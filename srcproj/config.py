@@ -54,8 +54,8 @@ __all__ = ["EntryPoint", "RunConfig", "load_config", "parse_override"]
 
 # Keys whose values are paths: relative to the config file's directory when written in
 # it, to the working directory when given on the command line.
-PATH_KEYS = ("store.path", "trajectory.manifest", "score.out", "top_k.out", "self_influence.out", "curate.out",
-             "report.out")
+PATH_KEYS = ("store.path", "trajectory.manifest", "score.out", "top_k.out", "self_influence.out", "mislabeled.out",
+             "curate.out", "report.out")
 
 
 def _kind(value: Any) -> str:
@@ -453,6 +453,29 @@ class SelfInfluenceSettings(_Scoring):
 
 
 @dataclass
+class MislabeledSettings:
+    """``[mislabeled]``: every training example's suspicion of a wrong label."""
+
+    detector: str = "mean_loss"
+    components: Any = "all"
+    damping: float | None = None
+    data_segment: int = 0
+    flag_fraction: float | None = None
+    batch_size: int = 64
+    out: str | None = None
+    _where: str = "mislabeled"
+
+    def __post_init__(self) -> None:
+        _expect(self.detector, str, "mislabeled.detector", "the name of a detector, e.g. \"mean_loss\"")
+        _expect(self.components, (str, list), "mislabeled.components", "\"all\", \"used\" or a list of detectors")
+        _expect(self.damping, (int, float), "mislabeled.damping", "a number > 0", optional=True)
+        _expect(self.data_segment, int, "mislabeled.data_segment", "a segment index")
+        _expect(self.flag_fraction, (int, float), "mislabeled.flag_fraction", "a fraction in (0, 1]", optional=True)
+        _positive(self.batch_size, "mislabeled.batch_size", "a whole number of examples, at least 1")
+        _optional_out(self.out, "mislabeled.out")
+
+
+@dataclass
 class CurateSettings(_Scoring):
     """``[curate]``: the training examples ranked by their influence on ``validation``."""
 
@@ -516,7 +539,8 @@ class ReportSettings(_Scoring):
 _SECTIONS = {
     "model": None, "task": None, "data": None, "trajectory": TrajectorySettings, "store": StoreSettings,
     "featurize": FeaturizeSettings, "score": ScoreSettings, "top_k": TopKSettings,
-    "self_influence": SelfInfluenceSettings, "curate": CurateSettings, "report": ReportSettings,
+    "self_influence": SelfInfluenceSettings, "mislabeled": MislabeledSettings, "curate": CurateSettings,
+    "report": ReportSettings,
 }
 
 
@@ -540,6 +564,7 @@ class RunConfig:
     score: ScoreSettings
     top_k: TopKSettings
     self_influence: SelfInfluenceSettings
+    mislabeled: MislabeledSettings
     curate: CurateSettings
     report: ReportSettings
     _built: dict = field(default_factory=dict, repr=False)

@@ -27,6 +27,7 @@ __all__ = [
     "check_table_target",
     "curation_table",
     "example_columns",
+    "mislabel_table",
     "readable_by_others",
     "self_influence_table",
     "top_k_table",
@@ -155,6 +156,18 @@ def self_influence_table(values: np.ndarray, train_columns: Mapping[str, np.ndar
     order = np.argsort(-np.asarray(values, dtype=np.float64), kind="stable")
     return {**_prefixed(train_columns, "", order), "self_influence": np.asarray(values, dtype=np.float64)[order],
             "rank": np.arange(1, len(order) + 1)}
+
+
+def mislabel_table(suspicion: Any, train_columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The training examples most suspicious first: their columns, ``suspicion`` (the
+    detector's score, higher = more likely mislabeled), ``rank`` (1: the most suspicious;
+    ties in data-set order) and one column per computed detector."""
+    scores = np.asarray(suspicion.scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    components = {name: np.asarray(values, dtype=np.float64)[order] for name, values in suspicion.components.items()
+                  if name not in train_columns}
+    return {**_prefixed(train_columns, "", order), "suspicion": scores[order], "rank": np.arange(1, len(order) + 1),
+            **components}
 
 
 def curation_table(curation: Any, train_columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

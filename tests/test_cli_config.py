@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "digits_pipeline"
 K = ["--set", "store.proj_dim=64"]  # the shared store's k; the example's file says 512
 QUIET = ["--no-progress"]
-PIPELINE = ("featurize", "score", "top-k", "self-influence", "curate")
+PIPELINE = ("featurize", "score", "top-k", "self-influence", "mislabeled", "curate")
 
 TINY_ENTRY = '''
 import torch
@@ -689,3 +689,16 @@ def test_a_checkpoint_glob_is_in_the_numbers_order(tiny_dir, tmp_path):
     path = _tiny(tiny_dir, replace=('["a.pt", "b.pt"]', f'"{tmp_path}/step*.pt"'))
     files = load_config(path).trajectory.segments[0].files(str(tiny_dir))
     assert [os.path.basename(f) for f in files] == ["step9.pt", "step10.pt", "step11.pt", "step100.pt"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--detector", "nope", "--out", "s.csv"], "mislabeled.detector='nope'; choose one of loss, mean_loss"),
+    (["--flag-fraction", "1.5", "--out", "s.csv"], "mislabeled.flag_fraction=1.5; give a fraction in (0, 1]"),
+    (["--set", "mislabeled.segments=[0]", "--out", "s.csv"], "did you mean mislabeled.data_segment?"),
+    (["--set", "mislabeled.batch_size=0", "--out", "s.csv"], "mislabeled.batch_size"),
+    ([], "mislabeled.out is not set"),
+])
+def test_mislabeled_mistakes_are_reported_before_the_run_is_built(tiny_dir, argv, needle):
+    path = _tiny(tiny_dir, replace=('entry = "tiny_entry:build_model"', 'entry = "no_such_module:build_model"'))
+    line = _fails(["mislabeled", *QUIET, "-c", path, *argv], needle)
+    assert "no_such_module" not in line

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import zarr
 
-from srcproj import Counterfactual, curate
+from srcproj import Counterfactual, curate, detect_mislabeled
 from srcproj.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +100,23 @@ def test_top_k_table_matches_the_api(pipeline, api):
     np.testing.assert_allclose(harmful["score"].to_numpy().reshape(180, 3), top.harmful_scores, rtol=1e-6)
     assert helpful["query_id"].tolist()[:3] == [test[0]["id"]] * 3
     assert table["train_id"].tolist() == [f"train-{i:04d}" for i in table["train_index"]]
+
+
+@pytest.mark.slow
+def test_mislabeled_table_matches_the_default_detector(pipeline, api):
+    config, attributor = api
+    out, _ = srcproj("mislabeled", "-c", "config.toml", "--set", f"store.proj_dim={K}", "--flag-fraction", "0.05",
+                     "--out", "suspects.parquet", cwd=pipeline)
+    assert out.startswith("wrote the mislabel suspicion of 1,437 training examples (detector 'mean_loss', training "
+                          "accuracy ")
+    table = pd.read_parquet(pipeline / "suspects.parquet")
+    assert list(table.columns) == ["index", "label", "id", "suspicion", "rank", "loss", "mean_loss", "self_influence",
+                                   "tracin", "influence_function", "flagged"]
+    expected = detect_mislabeled(attributor)
+    assert table["index"].tolist() == expected.flag(count=1437).tolist()  # most suspicious first
+    np.testing.assert_allclose(table["suspicion"], expected.scores[table["index"]], rtol=1e-6)
+    np.testing.assert_allclose(table["self_influence"], attributor.self_influence()[table["index"]], rtol=1e-6)
+    assert table["flagged"].tolist() == [True] * 72 + [False] * (1437 - 72)
 
 
 @pytest.mark.slow
