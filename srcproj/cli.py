@@ -430,7 +430,7 @@ def _add_pipeline_commands(commands: Any) -> None:
     top.set_defaults(handler=_run_top_k, section="top_k")
 
     self_influence = _pipeline_parser(
-        commands, "self-influence", "write every training example's score on itself (mislabel hunting)",
+        commands, "self-influence", "write every training example's score on itself (memorised, atypical examples)",
         "Every training example's score on itself, largest first, as a table.")
     _scoring_options(self_influence, table=True)
     self_influence.set_defaults(handler=_run_self_influence, section="self_influence")
@@ -724,7 +724,7 @@ def _add_report_command(commands: Any) -> None:
     report.add_argument("--max-queries", type=_positive_int, metavar="Q",
                         help="how many queries are shown, the first of the set (report.max_queries, default 20)")
     report.add_argument("--flag-fraction", type=float, metavar="F", help="the fraction of the training set flagged, "
-                        "largest self-influence first (report.flag_fraction, default 0.02)")
+                        "most suspicious first by the default mislabel detector (report.flag_fraction, default 0.02)")
     report.add_argument("--aggregate", choices=("mean", "total", "worst"),
                         help="how the validation scores combine (report.aggregate, default mean)")
     rule = report.add_mutually_exclusive_group()

@@ -164,10 +164,14 @@ def mislabel_table(suspicion: Any, train_columns: Mapping[str, np.ndarray]) -> d
     ties in data-set order) and one column per computed detector."""
     scores = np.asarray(suspicion.scores, dtype=np.float64)
     order = np.argsort(-scores, kind="stable")
-    components = {name: np.asarray(values, dtype=np.float64)[order] for name, values in suspicion.components.items()
-                  if name not in train_columns}
-    return {**_prefixed(train_columns, "", order), "suspicion": scores[order], "rank": np.arange(1, len(order) + 1),
-            **components}
+    examples = _prefixed(train_columns, "", order)
+    taken = {*examples, "suspicion", "rank", "flagged"}
+    # A detector's column keeps its name unless an id column has it already.
+    components = {(name if name not in taken else f"detector_{name}"): np.asarray(values, dtype=np.float64)[order]
+                  for name, values in suspicion.components.items()}
+    examples = {(name if name not in ("suspicion", "rank", "flagged") else f"example_{name}"): values
+                for name, values in examples.items()}
+    return {**examples, "suspicion": scores[order], "rank": np.arange(1, len(order) + 1), **components}
 
 
 def curation_table(curation: Any, train_columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

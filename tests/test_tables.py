@@ -173,3 +173,16 @@ def test_a_table_gets_the_mode_open_would_give_it(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "t.csv").stat().st_mode & 0o777 == 0o644
+
+
+def test_mislabel_table_keeps_every_column_when_names_collide():
+    from srcproj import MislabelScores
+    from srcproj.tables import mislabel_table
+
+    suspicion = MislabelScores(np.array([0.1, 0.9, 0.5]), "mean_loss", None, (0,),
+                               {"loss": np.array([1.0, 2.0, 3.0]), "mean_loss": np.array([0.1, 0.9, 0.5])})
+    table = mislabel_table(suspicion, {"index": np.arange(3), "loss": np.array([7, 8, 9]),
+                                       "rank": np.array([3, 2, 1])})
+    assert list(table) == ["index", "loss", "example_rank", "suspicion", "rank", "detector_loss", "mean_loss"]
+    assert table["index"].tolist() == [1, 2, 0] and table["loss"].tolist() == [8, 9, 7]
+    assert table["detector_loss"].tolist() == [2.0, 3.0, 1.0] and table["example_rank"].tolist() == [2, 1, 3]
