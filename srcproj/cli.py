@@ -666,7 +666,7 @@ def _run_mislabeled(args: argparse.Namespace) -> int:
 
 
 def _run_curate(args: argparse.Namespace) -> int:
-    from .curation import curate, keep_mask
+    from .curation import check_rule, curate
     from .scoring import REDUCTIONS
     from .tables import curation_table
     from .validation import check_choice
@@ -681,7 +681,7 @@ def _run_curate(args: argparse.Namespace) -> int:
     if section.drop_fraction is not None and section.threshold is not None:
         raise ConfigurationError("curate has two rules, drop_fraction and threshold; keep one of them under "
                                  "[curate] (a --drop-fraction or --threshold flag replaces the file's rule)")
-    keep_mask([0.0, 0.0], drop_fraction=section.drop_fraction, threshold=section.threshold)
+    check_rule(section.drop_fraction, section.threshold)
     check_choice(section.aggregate, "curate.aggregate", REDUCTIONS)
     out, fmt = _table_target(section, args)
     attributor = _open_run(config, args)
@@ -752,7 +752,7 @@ def _report_overrides(args: argparse.Namespace) -> list:
 
 def _run_report(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .curation import keep_mask
+    from .curation import check_rule
     from .detection import detect_mislabeled
     from .report import (
         DEFAULT_DROP_FRACTION,
@@ -776,7 +776,14 @@ def _run_report(args: argparse.Namespace) -> int:
         check_choice(section.aggregate, "report.aggregate", REDUCTIONS)
         if drop_fraction is None and section.threshold is None:
             drop_fraction = DEFAULT_DROP_FRACTION
-        keep_mask([0.0, 0.0], drop_fraction=drop_fraction, threshold=section.threshold)
+        check_rule(drop_fraction, section.threshold)
+    else:
+        unused = [key for key, value in (("drop_fraction", drop_fraction), ("threshold", section.threshold),
+                                         ("aggregate", None if section.aggregate == "mean" else section.aggregate))
+                  if value is not None]
+        if unused:
+            raise ConfigurationError(f"report.{', report.'.join(unused)} set the curation, which needs a validation "
+                                     "set: give --validation NAME (report.validation), or leave them out")
     out = check_report_target(_needed(section.out, "report.out", "--out PATH"), args.overwrite)
     require_matplotlib()
     attributor = _open_run(config, args)

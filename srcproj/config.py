@@ -206,6 +206,9 @@ class EntryPoint:
             try:
                 inspect.signature(value).bind(**self.kwargs)
             except TypeError as exc:  # the kwargs do not fit: the config's mistake, not the user's code
+                if "missing" in str(exc):
+                    raise _problem(f"{self._where}.kwargs", f"{self.entry!r} needs more arguments ({exc}); give "
+                                   f"them under {self._where}.kwargs, e.g. kwargs = {{ name = value }}") from None
                 raise _problem(f"{self._where}.kwargs", f"{self.entry!r} does not take {self.kwargs!r} ({exc}); "
                                "give only the keyword arguments it takes") from None
             except ValueError:
@@ -495,7 +498,8 @@ class ReportSettings(_Scoring):
     ``validation`` when it is set.
 
     ``k`` helpful and harmful examples for each of the first ``max_queries`` queries; the
-    ``flag_fraction`` of the training set with the largest self-influence flagged; the
+    ``flag_fraction`` of the training set that the default mislabel detector suspects most
+    flagged; the
     curation's ``aggregate`` and rule (``drop_fraction`` or ``threshold``; 0.05 of the
     set dropped when neither is set); ``image_shape`` (e.g. ``[8, 8]``) shows each input
     as an image of that shape, ``text_key`` names the id field holding each example's text.

@@ -21,7 +21,7 @@ from .errors import ConfigurationError
 from .scoring import DEFAULT_MEMORY_BYTES, REDUCTIONS
 from .validation import check_choice, check_finite, check_probability
 
-__all__ = ["Curation", "curate", "keep_mask"]
+__all__ = ["Curation", "check_rule", "curate", "keep_mask"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,19 @@ class Curation:
         return rank
 
 
+def check_rule(drop_fraction: float | None = None, threshold: float | None = None) -> None:
+    """Refuse a curation rule that is not exactly one of a fraction in ``[0, 1)`` and a
+    finite threshold, before anything is scored."""
+    if (drop_fraction is None) == (threshold is None):
+        raise ConfigurationError("give exactly one of drop_fraction (e.g. 0.1: drop the 10% with the lowest "
+                                 "influence) and threshold (drop the examples whose influence is below it)")
+    if drop_fraction is not None:
+        check_probability(drop_fraction, "drop_fraction", allow_one=False,
+                          hint=": the fraction of the training set to drop")
+    else:
+        check_finite(threshold, "threshold")
+
+
 def keep_mask(influence: np.ndarray, *, drop_fraction: float | None = None,
               threshold: float | None = None) -> tuple[np.ndarray, str]:
     """The keep mask of an influence vector and the rule in words.
@@ -73,13 +86,10 @@ def keep_mask(influence: np.ndarray, *, drop_fraction: float | None = None,
     influence = np.asarray(influence, dtype=np.float64)
     if influence.ndim != 1 or not np.isfinite(influence).all():
         raise ConfigurationError("influence must be a finite 1-D array, one value per training example")
-    if (drop_fraction is None) == (threshold is None):
-        raise ConfigurationError("give exactly one of drop_fraction (e.g. 0.1: drop the 10% with the lowest "
-                                 "influence) and threshold (drop the examples whose influence is below it)")
+    check_rule(drop_fraction, threshold)
     keep = np.ones(len(influence), dtype=bool)
     if drop_fraction is not None:
-        fraction = check_probability(drop_fraction, "drop_fraction", allow_one=False,
-                                     hint=": the fraction of the training set to drop")
+        fraction = float(drop_fraction)
         count = min(int(math.floor(fraction * len(influence) + 0.5)), len(influence) - 1)
         keep[np.argsort(influence, kind="stable")[:count]] = False
         return keep, f"the {count:,} examples ({fraction:.4g} of {len(influence):,}) with the lowest influence"
@@ -119,7 +129,7 @@ def curate(method: Any, validation: Any, *, aggregate: str = "mean", drop_fracti
         The influence, the keep mask (aligned with the training data set) and the rule.
     """
     check_choice(aggregate, "aggregate", REDUCTIONS)
-    keep_mask(np.zeros(2), drop_fraction=drop_fraction, threshold=threshold)  # check the rule before scoring
+    check_rule(drop_fraction, threshold)  # before scoring
     influence = method.aggregate_scores(validation, aggregate, batch_size=batch_size,
                                         score_memory_bytes=score_memory_bytes)
     keep, rule = keep_mask(influence, drop_fraction=drop_fraction, threshold=threshold)

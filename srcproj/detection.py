@@ -32,10 +32,10 @@ the tables and says which detector to use when.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
 import numpy as np
 import torch
@@ -164,7 +164,7 @@ class MislabelScores:
             number = isinstance(fraction, (int, float, np.integer, np.floating)) and not isinstance(fraction, bool)
             if not number or not 0.0 < float(fraction) <= 1.0:
                 raise ConfigurationError(f"fraction={fraction!r}; it must be in (0, 1]")
-            count = max(1, round(float(fraction) * n))
+            count = max(1, int(math.floor(float(fraction) * n + 0.5)))  # halves up, as curate and the report
         return np.argsort(-self.scores, kind="stable")[:count]
 
     def mask(self, count: int | None = None, fraction: float | None = None) -> np.ndarray:
@@ -181,32 +181,25 @@ def _group_segments(attributor: Attributor, data_segment: int) -> list[int]:
     return [s for s in range(ctx.num_segments) if ctx.data_groups[s] == group]
 
 
-def _outputs_and_targets(attributor: Attributor, checkpoint: int, data_segment: int,
-                         batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's outputs (float64, CPU) and the targets of a data set at one checkpoint."""
+def _loss(attributor: Attributor, checkpoint: int, data_segment: int, batch: int) -> tuple[np.ndarray, float | None]:
+    """Every example's training loss at one checkpoint (float64, batch by batch, so memory
+    stays one batch's outputs), and the accuracy on the given labels (classification)."""
     ctx = attributor.context
     source = ctx.source(data_segment)
     trainable, fixed = ctx.split(checkpoint)
-    outs, targets = [], []
+    classifying = isinstance(attributor.task, ClassificationTask)
+    losses, correct = [], 0
     with torch.no_grad(), ctx.computer.evaluating():
         for lo in range(0, len(source), batch):
             x, y = source.rows(lo, min(lo + batch, len(source)))
             x, y = ctx.computer.prepare(trainable, x, y)
-            outs.append(ctx.computer.forward(trainable, fixed, x).double().cpu())
-            targets.append(y.cpu())
-    return torch.cat(outs), torch.cat(targets)
-
-
-def _loss(attributor: Attributor, checkpoint: int, data_segment: int, batch: int) -> tuple[np.ndarray, Any]:
-    outputs, targets = _outputs_and_targets(attributor, checkpoint, data_segment, batch)
-    loss = attributor.task.loss(outputs, targets).reshape(len(outputs), -1).sum(1)
-    return loss.numpy().astype(np.float64), (outputs, targets)
-
-
-def _accuracy(attributor: Attributor, outputs: torch.Tensor, targets: torch.Tensor) -> float | None:
-    if not isinstance(attributor.task, ClassificationTask) or outputs.ndim != 2:
-        return None
-    return float((outputs.argmax(1) == targets.long()).double().mean())
+            outputs = ctx.computer.forward(trainable, fixed, x).double()
+            losses.append(attributor.task.loss(outputs, y).reshape(len(outputs), -1).sum(1).cpu())
+            classifying = classifying and outputs.ndim == 2
+            if classifying:
+                correct += int((outputs.argmax(1) == y.long()).sum())
+    loss = torch.cat(losses).numpy().astype(np.float64)
+    return loss, (correct / len(loss) if classifying else None)
 
 
 def _checked(name: str, values: np.ndarray, n: int) -> np.ndarray:
@@ -287,8 +280,7 @@ def detect_mislabeled(attributor: Attributor, detector: str = DEFAULT_DETECTOR, 
     attributor.require_featurized()
 
     final = ctx.num_checkpoints - 1
-    final_loss, (outputs, targets) = _loss(attributor, final, data_segment, 1024)
-    accuracy = _accuracy(attributor, outputs, targets)
+    final_loss, accuracy = _loss(attributor, final, data_segment, batch_size)
     used = detector
     needed = list(FUSION_MEMBERS) if used == "fusion" else [used]
     wanted = list(dict.fromkeys(needed + extra))
@@ -310,7 +302,7 @@ def detect_mislabeled(attributor: Attributor, detector: str = DEFAULT_DETECTOR, 
         if name == "loss":
             values = final_loss
         elif name == "mean_loss":
-            values = np.mean([final_loss if c == final else _loss(attributor, c, data_segment, 1024)[0]
+            values = np.mean([final_loss if c == final else _loss(attributor, c, data_segment, batch_size)[0]
                               for c in checkpoints], axis=0)
         elif name == "self_influence":
             values = attributor.self_influence(segments, batch_size)

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .curation import Curation, curate, keep_mask
+from .curation import Curation, check_rule, curate
 from .data import ExampleSource
 from .errors import ConfigurationError, DataError
 from .scoring import DEFAULT_MEMORY_BYTES, REDUCTIONS, TopK
@@ -263,10 +263,10 @@ def compute_report(method: Any, queries: Any, *, k: int = 5, max_queries: int = 
         check_choice(aggregate, "aggregate", REDUCTIONS)
         if drop_fraction is None and threshold is None:
             drop_fraction = DEFAULT_DROP_FRACTION
-        keep_mask(np.zeros(2), drop_fraction=drop_fraction, threshold=threshold)  # the rule, before any scoring
+        check_rule(drop_fraction, threshold)  # the rule, before any scoring
     say = progress or (lambda message: None)
     shown = _first(queries, max_queries)
-    count = len(shown[0]) if isinstance(shown, tuple) else len(shown)
+    count = len(ExampleSource(shown, "the queries"))
     say(f"the {k} most helpful and harmful training examples of {count:,} queries")
     top = method.top_k(shown, k, batch_size=batch_size, score_memory_bytes=score_memory_bytes)
     say("every training example's score on itself")

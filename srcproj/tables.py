@@ -150,12 +150,17 @@ def top_k_table(top: Any, query_columns: Mapping[str, np.ndarray],
             **_prefixed(train_columns, "train_", train_rows), "score": scores.astype(np.float64)}
 
 
+def _beside(examples: dict[str, np.ndarray], computed: Sequence[str]) -> dict[str, np.ndarray]:
+    """The example columns, an id column named like a computed one renamed ``example_<name>``."""
+    return {(f"example_{name}" if name in computed else name): values for name, values in examples.items()}
+
+
 def self_influence_table(values: np.ndarray, train_columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The training examples by decreasing self-influence: their columns, ``self_influence``
     and ``rank`` (1: the largest; ties in data-set order)."""
     order = np.argsort(-np.asarray(values, dtype=np.float64), kind="stable")
-    return {**_prefixed(train_columns, "", order), "self_influence": np.asarray(values, dtype=np.float64)[order],
-            "rank": np.arange(1, len(order) + 1)}
+    return {**_beside(_prefixed(train_columns, "", order), ("self_influence", "rank")),
+            "self_influence": np.asarray(values, dtype=np.float64)[order], "rank": np.arange(1, len(order) + 1)}
 
 
 def mislabel_table(suspicion: Any, train_columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -169,8 +174,7 @@ def mislabel_table(suspicion: Any, train_columns: Mapping[str, np.ndarray]) -> d
     # A detector's column keeps its name unless an id column has it already.
     components = {(name if name not in taken else f"detector_{name}"): np.asarray(values, dtype=np.float64)[order]
                   for name, values in suspicion.components.items()}
-    examples = {(name if name not in ("suspicion", "rank", "flagged") else f"example_{name}"): values
-                for name, values in examples.items()}
+    examples = _beside(examples, ("suspicion", "rank", "flagged"))
     return {**examples, "suspicion": scores[order], "rank": np.arange(1, len(order) + 1), **components}
 
 
@@ -178,8 +182,8 @@ def curation_table(curation: Any, train_columns: Mapping[str, np.ndarray]) -> di
     """The training examples in data-set order: their columns, ``influence``, ``rank``
     (1: the lowest influence, the first dropped) and ``keep``."""
     everything = np.arange(len(curation.influence))
-    return {**_prefixed(train_columns, "", everything), "influence": curation.influence, "rank": curation.rank,
-            "keep": curation.keep}
+    return {**_beside(_prefixed(train_columns, "", everything), ("influence", "rank", "keep")),
+            "influence": curation.influence, "rank": curation.rank, "keep": curation.keep}
 
 
 def _format_of(path: str, format: str | None) -> str:

@@ -271,6 +271,13 @@ def test_entry_kwargs_the_function_does_not_take(tiny_dir):
            "keyword arguments it takes")
 
 
+def test_entry_missing_an_argument_it_needs(tiny_dir):
+    (tiny_dir / "tiny_needs.py").write_text("def needs_size(size):\n    return size\n")
+    path = _tiny(tiny_dir, replace=('train = "tiny_entry:data"', 'train = "tiny_needs:needs_size"'))
+    _fails(["featurize", *QUIET, "-c", path], "data.train.kwargs", "needs more arguments", "'size'",
+           "give them under data.train.kwargs")
+
+
 def test_entry_table_without_entry(tiny_dir):
     path = _tiny(tiny_dir, replace=('train = "tiny_entry:data"', "train = { kwargs = {} }"))
     _fails(["featurize", *QUIET, "-c", path], "data.train: it has no entry", 'entry = "module:attribute"')

@@ -113,3 +113,12 @@ def test_curate_checks_its_arguments_before_scoring(featurized, tiny_run):
         curate(featurized, tiny_run.queries, aggregate="median", threshold=0.0)
     with pytest.raises(ConfigurationError, match="exactly one"):
         curate(featurized, tiny_run.queries)
+
+
+def test_a_positive_threshold_is_accepted_before_scoring(featurized, tiny_run):
+    scores = featurized.score(tiny_run.queries).astype(np.float64).mean(0)
+    limit = float(np.quantile(scores, 0.25))  # positive or not, the rule is checked, not applied to zeros
+    result = curate(featurized, tiny_run.queries, threshold=limit)
+    assert result.keep.tolist() == (result.influence >= limit).tolist()
+    result = curate(featurized, tiny_run.queries, threshold=float(scores.min()) + 1e-12 if scores.min() > 0 else 1e-9)
+    assert result.drop.sum() >= 1

@@ -246,6 +246,8 @@ def test_compute_report_takes_any_indexable_query_set(api):
      "[0, 1)"),
     (("--queries", "test", "--set", "report.drop_fraction=0.1", "--set", "report.threshold=0"), "report: it has two "
      "curation rules"),
+    (("--queries", "test", "--threshold", "0.001"), "report.threshold set the curation, which needs a validation set"),
+    (("--queries", "test", "--aggregate", "worst"), "report.aggregate set the curation, which needs a validation"),
 ])
 def test_bad_settings_are_one_line_errors_before_any_scoring(digits, tmp_path, capsys, args, message):
     code, stdout, stderr = run(*report_args(digits, tmp_path / "r.html", "--no-progress", *args), capsys=capsys)

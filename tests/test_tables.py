@@ -186,3 +186,13 @@ def test_mislabel_table_keeps_every_column_when_names_collide():
     assert list(table) == ["index", "loss", "example_rank", "suspicion", "rank", "detector_loss", "mean_loss"]
     assert table["index"].tolist() == [1, 2, 0] and table["loss"].tolist() == [8, 9, 7]
     assert table["detector_loss"].tolist() == [2.0, 3.0, 1.0] and table["example_rank"].tolist() == [2, 1, 3]
+
+
+def test_id_columns_named_like_computed_ones_are_kept():
+    from srcproj import Curation
+
+    train = {"index": np.arange(2), "rank": np.array([10, 20]), "keep": np.array(["a", "b"], dtype=object)}
+    table = self_influence_table(np.array([1.0, 2.0]), train)
+    assert table["example_rank"].tolist() == [20, 10] and table["rank"].tolist() == [1, 2]
+    table = curation_table(Curation(np.array([0.5, -0.5]), np.array([True, False]), "mean", ""), train)
+    assert table["example_keep"].tolist() == ["a", "b"] and table["keep"].tolist() == [True, False]
