@@ -78,11 +78,7 @@ def make_scenario(name: str) -> sc.Scenario:
     Xh, yh, parts = held_out_parts()
     queries = (Xh[parts["validation"]], yh[parts["validation"]])
     if name == "noisy":
-        rng = np.random.default_rng(7)
-        flipped = rng.random(len(y)) < 0.3
-        noisy = y.clone()
-        shift = torch.from_numpy(rng.integers(1, 10, size=int(flipped.sum())))
-        noisy[torch.from_numpy(flipped)] = (y[torch.from_numpy(flipped)] + shift) % 10
+        noisy, flipped = sc.flip_labels(y, 0.3, seed=7)
         return sc.Scenario(name, [sc.Stage(X, noisy, epochs=5, lr=0.1, segments=3, target=True)], queries,
                            flipped=flipped, description=f"{int(flipped.sum())} of {len(y)} labels (30%) flipped, "
                                                         "5 epochs, lr 0.1")

@@ -34,6 +34,17 @@ WEIGHT_DECAY = 1e-3
 LAYERS = (("0.weight", "0.bias"), ("2.weight", "2.bias"))
 
 
+def flip_labels(y: torch.Tensor, rate: float, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Each label moved, with probability ``rate``, to another of the 10 classes drawn
+    uniformly (seeded); ``(noisy labels, flipped mask)``."""
+    rng = np.random.default_rng(seed)
+    flipped = rng.random(len(y)) < rate
+    noisy = y.clone()
+    shift = torch.from_numpy(rng.integers(1, 10, size=int(flipped.sum())))
+    noisy[torch.from_numpy(flipped)] = (y[torch.from_numpy(flipped)] + shift) % 10
+    return noisy, flipped
+
+
 @dataclass
 class Stage:
     """One stage of training: its data, its length in epochs, how SOURCE cuts it."""
@@ -77,11 +88,7 @@ def make_scenario(name: str) -> Scenario:
         return Scenario(name, [Stage(X, y, epochs=40, lr=0.05, segments=3, target=True)], (Xt, yt),
                         description="40 epochs, lr 0.05, clean labels")
     if name == "noisy-short":
-        rng = np.random.default_rng(7)
-        flipped = rng.random(len(y)) < 0.3
-        noisy = y.clone()
-        shift = torch.from_numpy(rng.integers(1, 10, size=int(flipped.sum())))
-        noisy[torch.from_numpy(flipped)] = (y[torch.from_numpy(flipped)] + shift) % 10
+        noisy, flipped = flip_labels(y, 0.3, seed=7)
         return Scenario(name, [Stage(X, noisy, epochs=5, lr=0.1, segments=3, target=True)], (Xt, yt),
                         flipped=flipped, description="30% of labels flipped, 5 epochs, lr 0.1")
     if name == "two-stage":

@@ -468,12 +468,12 @@ def _flag_overrides(args: argparse.Namespace) -> list:
              "validation": f"{section}.validation", "aggregate": f"{section}.aggregate",
              "drop_fraction": f"{section}.drop_fraction", "threshold": f"{section}.threshold",
              "normalize": f"{section}.normalize", "detector": f"{section}.detector",
-             "flag_fraction": f"{section}.flag_fraction"}
+             "flag_fraction": f"{section}.flag_fraction", "max_queries": f"{section}.max_queries"}
     pairs = [(key, getattr(args, flag)) for flag, key in flags.items() if getattr(args, flag, None) is not None]
-    if section == "curate" and (args.drop_fraction is not None or args.threshold is not None):
-        # A rule on the command line replaces the file's rule, whichever it was.
-        other = "curate.threshold" if args.drop_fraction is not None else "curate.drop_fraction"
-        pairs.append((other, None))
+    fraction, threshold = getattr(args, "drop_fraction", None), getattr(args, "threshold", None)
+    if fraction is not None or threshold is not None:
+        # A curation rule on the command line replaces the file's rule, whichever it was.
+        pairs.append((f"{section}.threshold" if fraction is not None else f"{section}.drop_fraction", None))
     return pairs
 
 
@@ -739,17 +739,6 @@ def _add_report_command(commands: Any) -> None:
     report.set_defaults(handler=_run_report, section="report")
 
 
-def _report_overrides(args: argparse.Namespace) -> list:
-    """The report's own flags as config overrides, beside :func:`_flag_overrides`'."""
-    pairs = [(key, getattr(args, flag)) for flag, key in (("max_queries", "report.max_queries"),
-                                                          ("flag_fraction", "report.flag_fraction"))
-             if getattr(args, flag) is not None]
-    if args.drop_fraction is not None or args.threshold is not None:
-        # A rule on the command line replaces the file's rule, whichever it was.
-        pairs.append(("report.threshold" if args.drop_fraction is not None else "report.drop_fraction", None))
-    return pairs
-
-
 def _run_report(args: argparse.Namespace) -> int:
     from .config import load_config
     from .curation import check_rule
@@ -766,7 +755,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from .scoring import REDUCTIONS
     from .validation import check_choice
 
-    config = load_config(args.config, [*args.overrides, *_flag_overrides(args), *_report_overrides(args)])
+    config = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
     section = config.report
     name = _needed(section.queries, "report.queries", "--queries NAME")
     config.data_entry(name, "report.queries")

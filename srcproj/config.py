@@ -204,15 +204,18 @@ class EntryPoint:
         value = self.resolve(base_dir)
         if callable(value):
             try:
-                inspect.signature(value).bind(**self.kwargs)
+                signature = inspect.signature(value)
+            except ValueError:  # a builtin without a signature: its own call reports a mismatch
+                signature = None
+            try:
+                if signature is not None:
+                    signature.bind(**self.kwargs)
             except TypeError as exc:  # the kwargs do not fit: the config's mistake, not the user's code
                 if "missing" in str(exc):
                     raise _problem(f"{self._where}.kwargs", f"{self.entry!r} needs more arguments ({exc}); give "
                                    f"them under {self._where}.kwargs, e.g. kwargs = {{ name = value }}") from None
                 raise _problem(f"{self._where}.kwargs", f"{self.entry!r} does not take {self.kwargs!r} ({exc}); "
                                "give only the keyword arguments it takes") from None
-            except ValueError:
-                pass  # no signature to check (a builtin): the call says
             return value(**self.kwargs)
         if self.kwargs:
             raise _problem(f"{self._where}.kwargs", f"{self.entry!r} is not callable, so it takes no kwargs")

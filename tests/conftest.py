@@ -8,7 +8,12 @@ so two runs built with the same arguments are identical (also across processes).
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +167,46 @@ def assert_scores_close(actual: np.ndarray, expected: np.ndarray, rtol: float = 
     expected = np.asarray(expected)
     scale = float(np.abs(expected).max()) if expected.size else 0.0
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=0.1 * rtol * scale)
+
+
+# ---------------------------------------------------------------------------- the digits pipeline example
+DIGITS_PIPELINE = Path(__file__).resolve().parents[1] / "examples" / "digits_pipeline"
+
+
+@pytest.fixture(scope="session")
+def recorded_digits(tmp_path_factory) -> Path:
+    """examples/digits_pipeline with its run trained and recorded once (``python train.py
+    config.toml``, as a user runs it). Never changed: tests copy it (:func:`copy_recorded`)."""
+    root = tmp_path_factory.mktemp("recorded") / "digits_pipeline"
+    shutil.copytree(DIGITS_PIPELINE, root, ignore=shutil.ignore_patterns("run", "*.zarr", "__pycache__"))
+    done = subprocess.run([sys.executable, "train.py", "config.toml"], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return root
+
+
+def copy_recorded(recorded: Path, destination: Path) -> Path:
+    """A private copy of the recorded example (its run, no store) at ``destination``."""
+    shutil.copytree(recorded, destination, ignore=shutil.ignore_patterns("*.zarr", "__pycache__"))
+    return destination
+
+
+# ---------------------------------------------------------------------------- a 3-4-3 double-precision model
+def small_model() -> nn.Module:
+    """A 3 → 4 → 3 tanh classifier in float64, seeded (31 parameters)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def small_data(n: int, seed: int, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` float64 inputs of 3 features (offset by ``shift``) and labels in 0..2, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 3, generator=generator, dtype=torch.float64) + shift
+    return X, torch.randint(0, 3, (n,), generator=generator)
+
+
+def perturbed_state(model: nn.Module, scale: float, seed: int) -> dict:
+    """``model``'s state_dict plus seeded Gaussian noise of standard deviation ``scale``."""
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=generator, dtype=v.dtype)
+            for k, v in model.state_dict().items()}

@@ -11,6 +11,7 @@ import bruteforce
 import numpy as np
 import pytest
 import torch
+from conftest import perturbed_state, small_data, small_model
 from torch import nn
 
 from srcproj import (
@@ -36,29 +37,12 @@ from srcproj.baselines import (
 WD, MOMENTUM = 0.01, 0.5
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-
-
-def _data(n: int, seed: int, shift: float = 0.0):
-    generator = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 3, generator=generator, dtype=torch.float64) + shift
-    return X, torch.randint(0, 3, (n,), generator=generator)
-
-
-def _state(model: nn.Module, scale: float, seed: int) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    return {k: v + scale * torch.randn(v.shape, generator=generator, dtype=v.dtype)
-            for k, v in model.state_dict().items()}
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Segments 0 and 2 train on data A, segment 1 on data B; orthogonal k = p projection."""
-    model = _model()
-    data_a, data_b = _data(20, 1), _data(15, 2, shift=1.5)
-    states = [_state(model, 0.3 * (i + 1), 10 + i) for i in range(6)]
+    model = small_model()
+    data_a, data_b = small_data(20, 1), small_data(15, 2, shift=1.5)
+    states = [perturbed_state(model, 0.3 * (i + 1), 10 + i) for i in range(6)]
     traj = Trajectory([
         Segment(states[0:2], steps=40, lr=0.05, data=data_a),
         Segment(states[2:4], steps=30, lr=0.08, data=data_b),
@@ -72,7 +56,7 @@ def setup(tmp_path_factory):
     attr.featurize(batch_size=4, progress=False)
     names = [n for n, _ in model.named_parameters()]
     return {"model": model, "traj": traj, "attr": attr, "states": states, "names": names,
-            "a": data_a, "b": data_b, "query": _data(5, 3)}
+            "a": data_a, "b": data_b, "query": small_data(5, 3)}
 
 
 def _grads(s, state, fn, X, y):

@@ -15,13 +15,13 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_recorded
 
 from srcproj.cli import main
 from srcproj.store import AttributionStore
@@ -384,19 +384,14 @@ def test_config_flag_is_required(command):
 
 # ---------------------------------------------------------------------- the featurized example
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> dict:
+def digits(tmp_path_factory, recorded_digits) -> dict:
     """examples/digits_pipeline trained and featurized (k = 64) once; tests only read it.
 
     featurize runs from another working directory: the file's relative paths (the
     manifest, the store) and its entry module resolve beside the file.
     """
     base = tmp_path_factory.mktemp("digits")
-    example = base / "digits_pipeline"
-    shutil.copytree(EXAMPLE, example, ignore=shutil.ignore_patterns("run", "*.zarr", "__pycache__"))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "train.py", "config.toml"], cwd=example, env=env, check=False,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    example = copy_recorded(recorded_digits, base / "digits_pipeline")
     elsewhere = base / "elsewhere"
     elsewhere.mkdir()
     before, path = os.getcwd(), list(sys.path)

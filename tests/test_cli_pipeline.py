@@ -10,7 +10,6 @@ checkpoints) and a featurize under torchrun follow.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import zarr
+from conftest import copy_recorded
 
 from srcproj import Counterfactual, curate, detect_mislabeled
 from srcproj.config import load_config
@@ -40,12 +40,9 @@ def srcproj(*args: str, cwd: Path, timeout: float = 300) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
-    """The digits example, trained, recorded and featurized from the shell (k = 64)."""
-    root = tmp_path_factory.mktemp("pipeline") / "digits"
-    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns("run", "*.zarr", "__pycache__"))
-    subprocess.run([sys.executable, "train.py", "config.toml"], cwd=root, check=True, capture_output=True,
-                   timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def pipeline(tmp_path_factory, recorded_digits) -> Path:
+    """The digits example, trained and recorded by its train.py, featurized from the shell (k = 64)."""
+    root = copy_recorded(recorded_digits, tmp_path_factory.mktemp("pipeline") / "digits")
     out, err = srcproj("featurize", "-c", "config.toml", "--set", f"store.proj_dim={K}", cwd=root)
     assert out.count("\n") == 1 and out.startswith(f"featurized {root / 'digits.zarr'}: complete")
     assert "srcproj featurize" in err  # progress goes to stderr

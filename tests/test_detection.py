@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from conftest import perturbed_state, small_data, small_model
 from torch.func import functional_call
 
 from srcproj import (
@@ -42,31 +42,14 @@ WD, MOMENTUM = 0.01, 0.5
 P = 31  # parameters of the 3-4-3 model
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-
-
-def _data(n: int, seed: int, shift: float = 0.0):
-    generator = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 3, generator=generator, dtype=torch.float64) + shift
-    return X, torch.randint(0, 3, (n,), generator=generator)
-
-
-def _state(model: nn.Module, scale: float, seed: int) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    return {k: v + scale * torch.randn(v.shape, generator=generator, dtype=v.dtype)
-            for k, v in model.state_dict().items()}
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Segments 0 and 2 train on data A, segment 1 on data B; orthogonal k = p projection."""
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model = _model()
-    data_a, data_b = _data(20, 1), _data(15, 2, shift=1.5)
-    states = [_state(model, 0.3 * (i + 1), 10 + i) for i in range(6)]
+    model = small_model()
+    data_a, data_b = small_data(20, 1), small_data(15, 2, shift=1.5)
+    states = [perturbed_state(model, 0.3 * (i + 1), 10 + i) for i in range(6)]
     segments = [(states[0:2], 40, 0.05, data_a), (states[2:4], 30, 0.08, data_b), (states[4:6], 25, 0.1, data_a)]
     traj = Trajectory([Segment(c, steps=k, lr=lr, data=d) for c, k, lr, d in segments],
                       momentum=MOMENTUM, weight_decay=WD)

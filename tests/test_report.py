@@ -12,9 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import os
-import shutil
 import struct
-import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -23,6 +21,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from conftest import copy_recorded
 
 from srcproj import ConfigurationError, DataError, TopK, curate, detect_mislabeled
 from srcproj.cli import main
@@ -115,12 +114,9 @@ def run(*argv: str, capsys) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
+def digits(tmp_path_factory, recorded_digits) -> Path:
     """The digits example, trained, recorded and featurized (k = 64); its config's path."""
-    root = tmp_path_factory.mktemp("report") / "digits"
-    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns("run", "*.zarr", "__pycache__"))
-    subprocess.run([sys.executable, "train.py", "config.toml"], cwd=root, check=True, capture_output=True,
-                   timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    root = copy_recorded(recorded_digits, tmp_path_factory.mktemp("report") / "digits")
     torch.set_num_threads(1)
     assert main(["featurize", "-c", str(root / "config.toml"), "--set", f"store.proj_dim={K}", "--no-progress"]) == 0
     return root / "config.toml"
