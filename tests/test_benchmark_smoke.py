@@ -111,3 +111,23 @@ def test_mislabeled_benchmark_smoke(tmp_path):
         for name in ("loss", "mean_loss", "self_influence", "tracin", "influence_function"):
             auc = detectors[name]["auc"][0]
             assert 0.5 < auc <= 1.0, (name, auc)  # every detector finds flipped labels better than chance
+
+
+def test_time_scale_benchmark_smoke(tmp_path):
+    """benchmarks/time_scale.py --smoke: the time sweep, the exact derivative of the run and
+    the three ground truths on noisy-short, at toy size."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "time_scale.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "time_scale.py"), "--smoke", "--cache",
+                           str(tmp_path), "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "differ from the attributed run's by at most" in done.stdout
+    drift = float(done.stdout.split("by at most ")[1].split()[0])
+    assert drift < 1e-4  # the replay used for the exact derivative is the attributed run
+    rows = json.loads(out.read_text())["scenarios"]["noisy-short"]["lds"]
+    assert rows["exact derivative"]["corr. with exact"] == pytest.approx(1.0)
+    for c in ("0.25", "1", "100"):
+        row = rows[f"SOURCE k=256 c={c}"]
+        assert set(row) == {"retrain", "retrain (same epochs)", "same init", "same batches", "corr. with exact"}
+        assert -1.0 <= row["retrain"] <= 1.0
+    assert "retrain (same epochs)" in rows["SOURCE k=256 fine c=1"]
