@@ -77,7 +77,7 @@ def scaled(trajectory: Trajectory, c: float) -> Trajectory:
 
 
 def build(name: str):
-    """``(scenario, make_model)``: lds.py's MLP scenarios or end_to_end.py's ``cnn-digits``."""
+    """``(scenario, make_model)``: lds.py's MLP scenarios or end_to_end.py's (single-stage) ones."""
     if name in sc.SCENARIOS:
         return sc.make_scenario(name), e2e.make_lds_mlp
     return e2e.build_scenario(name)
@@ -92,6 +92,8 @@ def attributed(name: str, scenario: sc.Scenario, make_model, seed: int, layout: 
     """
     if name in sc.SCENARIOS:
         return sc.attributed_run(scenario, seed, layout)
+    if len(scenario.stages) != 1:
+        raise ValueError(f"{name}: only single-stage end_to_end.py scenarios are described here")
     per_segment = {"default": 2, "fine": 1, "one-segment": 2 * scenario.target.segments}[layout]
     if layout == "one-segment":  # the same 2 x segments checkpoints, in one segment
         scenario = replace(scenario, stages=[replace(stage, segments=1) for stage in scenario.stages])
@@ -217,6 +219,46 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))))
 
 
+def decompose(attributor: Attributor, trajectory, queries, masks: np.ndarray, outputs: np.ndarray) -> dict:
+    """Where the score's signal lives: LDS of each segment's term, and of the last
+    segment's term split by eigenvalue bands of its Hessian (a·λ), at c = 0.1, 1, 100.
+
+    Meant for a k = p store (identity projection), where the eigenvectors are directions
+    of parameter space. ``outputs``: the same-steps ground truth, (S, R, Q).
+    """
+    from srcproj.source import accumulate_spectrum
+
+    def score_lds(scores):
+        return lds(scores, masks, outputs, num_bootstrap=1).mean
+
+    layout, found = attributor.layout, {"segments": {}, "bands": {}}
+    last = layout.num_segments - 1
+    for c in (0.1, 1.0, 100.0):
+        parts = [SourceVariant(attributor, scaled(trajectory("steps"), c), segments=[s]).score(queries)
+                 for s in range(layout.num_segments)]
+        found["segments"][f"{c:g}"] = {"all": score_lds(sum(parts)), "without the last": score_lds(sum(parts[:-1])),
+                                       **{f"segment {s}": score_lds(v) for s, v in enumerate(parts)}}
+    values, vectors = layout.read_spectrum(last)
+    context = attributor.context
+    psi = context.measurement_features(context.query_source(queries), 0, len(queries[1]), 64,
+                                       attributor.query).astype(np.float64)
+    members = layout.members(last)
+    mean = sum(layout.read_features(c, 0, layout.rows(last)).astype(np.float64) for c in members) / len(members)
+    time_ = trajectory("steps").segment_time(last)
+    along_psi, along_g = psi @ vectors, mean @ vectors
+    edges = (0.0, 0.1, 1.0, 10.0, 100.0, np.inf)
+    for c in (0.1, 1.0, 100.0):
+        weight = accumulate_spectrum(values, time_ * c)
+        bands = {"all": score_lds(-(along_psi * weight) @ along_g.T)}
+        for low, high in zip(edges[:-1], edges[1:], strict=True):
+            chosen = (time_ * values >= low) & (time_ * values < high)
+            if chosen.any():
+                part = -(along_psi[:, chosen] * weight[chosen]) @ along_g[:, chosen].T
+                bands[f"a*lambda in [{low:g}, {high:g}): {int(chosen.sum())} directions"] = score_lds(part)
+        found["bands"][f"{c:g}"] = bands
+    return found
+
+
 def markdown(results: dict) -> str:
     """The sweep as markdown: per scenario, LDS against each ground truth as c varies."""
     lines = []
@@ -257,6 +299,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10, help="retraining seeds per subset (100 subsets)")
     parser.add_argument("--cache", default="benchmarks/.cache")
     parser.add_argument("--out", default="benchmarks/.cache/time_scale.json")
+    parser.add_argument("--decompose", action="store_true",
+                        help="at k = p: the LDS of each segment's term and of eigenvalue bands (docs: 'the dip')")
     parser.add_argument("--markdown", default=None, help="also write every scenario's tables here")
     parser.add_argument("--smoke", action="store_true", help="noisy-short, 2 seeds, 8 queries, 3 times, k = 256")
     args = parser.parse_args()
@@ -330,6 +374,15 @@ def main() -> None:
                             variant = SourceVariant(store, scaled(other(protocol), c))
                             scores[f"SOURCE k={label} {layout} c={c:g} | {protocol}"] = variant.score(queries)
             print(f"  k = {label}: featurized and swept in {time.perf_counter() - t0:.0f} s")
+            if text == "p" and args.decompose:
+                parts = decompose(attributor, trajectory, queries, masks, targets["retrain"])
+                results.setdefault("decomposition", {})[name] = parts
+                for c, row in parts["segments"].items():
+                    print(f"  k = p, c = {c}: segments' terms alone: "
+                          + ", ".join(f"{key} {value:.3f}" for key, value in row.items()))
+                for c, row in parts["bands"].items():
+                    print(f"  k = p, c = {c}: the last segment's term by bands: "
+                          + "; ".join(f"{key}: {value:.3f}" for key, value in row.items()))
         table: dict[str, dict[str, float]] = {}
         for label, value in scores.items():
             method, _, protocol = label.partition(" | ")
