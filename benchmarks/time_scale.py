@@ -367,7 +367,8 @@ def main() -> None:
                 for layout in args.layouts:
                     _, other = attributed(name, scenario, make_model, seed, layout)
                     store = Attributor(make_model(0), ClassificationTask(), other("steps"),
-                                       os.path.join(folder, f"time_scale_{layout}_k{k}.zarr"), proj_dim=k)
+                                       os.path.join(folder, f"time_scale_{layout}_k{k}.zarr"), proj_dim=k,
+                                       projector=None if projector is None else MatrixProjector(torch.eye(k)))
                     store.featurize(progress=False)
                     for c in args.times:
                         for protocol in bench.PROTOCOLS:
