@@ -236,8 +236,10 @@ def decompose(attributor: Attributor, trajectory, queries, masks: np.ndarray, ou
     for c in (0.1, 1.0, 100.0):
         parts = [SourceVariant(attributor, scaled(trajectory("steps"), c), segments=[s]).score(queries)
                  for s in range(layout.num_segments)]
-        found["segments"][f"{c:g}"] = {"all": score_lds(sum(parts)), "without the last": score_lds(sum(parts[:-1])),
-                                       **{f"segment {s}": score_lds(v) for s, v in enumerate(parts)}}
+        row = {"all": score_lds(sum(parts)), **{f"segment {s}": score_lds(v) for s, v in enumerate(parts)}}
+        if len(parts) > 1:
+            row["without the last"] = score_lds(sum(parts[:-1]))
+        found["segments"][f"{c:g}"] = row
     values, vectors = layout.read_spectrum(last)
     context = attributor.context
     psi = context.measurement_features(context.query_source(queries), 0, len(queries[1]), 64,
@@ -257,6 +259,16 @@ def decompose(attributor: Attributor, trajectory, queries, masks: np.ndarray, ou
                 bands[f"a*lambda in [{low:g}, {high:g}): {int(chosen.sum())} directions"] = score_lds(part)
         found["bands"][f"{c:g}"] = bands
     return found
+
+
+def report_decomposition(results: dict, label: str, parts: dict) -> None:
+    results.setdefault("decomposition", {})[label] = parts
+    for c, row in parts["segments"].items():
+        print(f"  {label}, k = p, c = {c}: segments' terms alone: "
+              + ", ".join(f"{key} {value:.3f}" for key, value in row.items()))
+    for c, row in parts["bands"].items():
+        print(f"  {label}, k = p, c = {c}: the last segment's term by bands: "
+              + "; ".join(f"{key}: {value:.3f}" for key, value in row.items()))
 
 
 def markdown(results: dict) -> str:
@@ -374,16 +386,13 @@ def main() -> None:
                         for protocol in bench.PROTOCOLS:
                             variant = SourceVariant(store, scaled(other(protocol), c))
                             scores[f"SOURCE k={label} {layout} c={c:g} | {protocol}"] = variant.score(queries)
+                    if text == "p" and args.decompose:
+                        report_decomposition(results, f"{name} ({layout})",
+                                             decompose(store, other, queries, masks, targets["retrain"]))
             print(f"  k = {label}: featurized and swept in {time.perf_counter() - t0:.0f} s")
             if text == "p" and args.decompose:
-                parts = decompose(attributor, trajectory, queries, masks, targets["retrain"])
-                results.setdefault("decomposition", {})[name] = parts
-                for c, row in parts["segments"].items():
-                    print(f"  k = p, c = {c}: segments' terms alone: "
-                          + ", ".join(f"{key} {value:.3f}" for key, value in row.items()))
-                for c, row in parts["bands"].items():
-                    print(f"  k = p, c = {c}: the last segment's term by bands: "
-                          + "; ".join(f"{key}: {value:.3f}" for key, value in row.items()))
+                report_decomposition(results, name, decompose(attributor, trajectory, queries, masks,
+                                                              targets["retrain"]))
         table: dict[str, dict[str, float]] = {}
         for label, value in scores.items():
             method, _, protocol = label.partition(" | ")
