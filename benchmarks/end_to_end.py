@@ -507,13 +507,17 @@ def _prepare_job(name: str, quick: bool, seed: int, workdir: str, num_queries: i
             "params": sum(p.numel() for p in model.parameters()), "scenario": scenario}
 
 
-def _ground_truth(name: str, quick: bool, scenario, args) -> dict:
-    """Masks and retrained query margins per protocol, by lds.py's split and retraining runner."""
+def ground_truth(name: str, quick: bool, scenario, args, split_name: str = "report") -> dict:
+    """Masks and retrained query margins per protocol, by lds.py's split and retraining runner.
+
+    ``args`` gives ``subsets``, ``seeds``, ``protocols``, ``cache``, ``processes`` and
+    ``no_progress``.
+    """
     from lds import SPLITS
 
     from srcproj.eval import draw_subsets, retrain
 
-    split = SPLITS["report"]
+    split = SPLITS[split_name]
     masks = draw_subsets(scenario.num_targets, args.subsets, 0.5, seed=split["subset_seed"])
     seeds = range(split["first_retrain_seed"], split["first_retrain_seed"] + args.seeds)
     outputs = {}
@@ -571,7 +575,7 @@ def run_scenario(name: str, args) -> dict:
           f"{job['accuracy']:.3f} (trained in {job['train_seconds']:.1f} s)")
     truth = None
     if spec.lds and not args.no_lds:
-        truth = _ground_truth(name, quick, job["scenario"], args)  # before the timed runs: it loads the CPUs
+        truth = ground_truth(name, quick, job["scenario"], args)  # before the timed runs: it loads the CPUs
     base = {"job": job["path"], "workdir": workdir, "threads": args.threads}
     runs: dict[str, dict] = {}
     notes: list[str] = []

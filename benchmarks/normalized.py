@@ -181,21 +181,27 @@ def evaluate(label: str, methods: dict, queries, train_labels: np.ndarray, truth
     return {"rows": rows, "seconds": timing}
 
 
+def _cells(values: dict) -> list[str]:
+    """One row's LDS (steps, epochs) with intervals, label agreement and norm percentile, as text."""
+    cells = []
+    for protocol in ("steps", "epochs"):
+        if f"lds_{protocol}" in values:
+            lo, hi = values[f"lds_{protocol}_ci"]
+            cells.append(f"{values[f'lds_{protocol}']:.3f} [{lo:.3f}, {hi:.3f}]")
+        else:
+            cells.append("—")
+    agreement, pct = values.get("label_agreement"), values.get("norm_pct")
+    cells.append("—" if agreement is None else f"{agreement:.3f}")
+    cells.append("—" if pct is None else f"{pct:.1f}")
+    return cells
+
+
 def print_table(name: str, entry: dict) -> None:
     print(f"\n{name}: {entry['description']}")
     print(f"{'ranking':<40} {'LDS steps':>22} {'LDS epochs':>22} {'label agr.':>10} {'norm pct':>8}")
     for row, values in entry["rows"].items():
-        cells = []
-        for protocol in ("steps", "epochs"):
-            if f"lds_{protocol}" in values:
-                lo, hi = values[f"lds_{protocol}_ci"]
-                cells.append(f"{values[f'lds_{protocol}']:.3f} [{lo:.3f}, {hi:.3f}]")
-            else:
-                cells.append("—")
-        agreement = values.get("label_agreement")
-        pct = values.get("norm_pct")
-        print(f"{row:<40} {cells[0]:>22} {cells[1]:>22} "
-              f"{'—' if agreement is None else f'{agreement:.3f}':>10} {'—' if pct is None else f'{pct:.1f}':>8}")
+        cells = _cells(values)
+        print(f"{row:<40} {cells[0]:>22} {cells[1]:>22} {cells[2]:>10} {cells[3]:>8}")
     for key, value in entry.get("notes", {}).items():
         print(f"  {key}: {value}")
 
@@ -207,18 +213,7 @@ def markdown(results: dict) -> str:
                   "| ranking | LDS, same steps | LDS, same epochs | top-5 label agreement | top-5 ‖t_i‖ percentile |",
                   "|---|---:|---:|---:|---:|"]
         for row, values in entry["rows"].items():
-            cells = []
-            for protocol in ("steps", "epochs"):
-                if f"lds_{protocol}" in values:
-                    lo, hi = values[f"lds_{protocol}_ci"]
-                    cells.append(f"{values[f'lds_{protocol}']:.3f} [{lo:.3f}, {hi:.3f}]")
-                else:
-                    cells.append("—")
-            agreement = values.get("label_agreement")
-            pct = values.get("norm_pct")
-            cells.append("—" if agreement is None else f"{agreement:.3f}")
-            cells.append("—" if pct is None else f"{pct:.1f}")
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            lines.append(f"| {row} | " + " | ".join(_cells(values)) + " |")
         lines.append("")
         for key, value in entry.get("notes", {}).items():
             lines.append(f"- {key}: {value}")

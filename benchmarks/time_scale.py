@@ -42,13 +42,13 @@ rows of earlier runs of a scenario are kept) and, with ``--markdown``, written a
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
 import sys
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ from torch.func import functional_call, vmap  # noqa: E402
 
 from srcproj import Attributor, ClassificationTask, MatrixProjector, Segment, Trajectory  # noqa: E402
 from srcproj.baselines import InfluenceFunction, SourceVariant, TracIn  # noqa: E402
-from srcproj.eval import draw_subsets, lds, retrain  # noqa: E402
+from srcproj.eval import lds  # noqa: E402
 
 TIMES = (0.01, 0.03, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0, 100.0)
 SCENARIOS = (*sc.SCENARIOS, "cnn-digits", "mlp-lds")
@@ -109,20 +109,11 @@ def attributed(name: str, scenario: sc.Scenario, make_model, seed: int, layout: 
 
 
 def ground_truth(name: str, scenario: sc.Scenario, seeds: int, cache: str, split_name: str = "tune") -> dict:
-    """The split's subsets retrained with ``seeds`` seeds under both protocols (cached)."""
-    split = bench.SPLITS[split_name]
-    masks = draw_subsets(scenario.num_targets, 100, 0.5, seed=split["subset_seed"])
-    first = split["first_retrain_seed"]
-    outputs = {}
-    for protocol in bench.PROTOCOLS:
-        if name in sc.SCENARIOS:
-            train_fn, folder = sc.GroundTruthFn(name, protocol), os.path.join(cache, "ground_truth", name)
-        else:
-            train_fn = sc.ModuleGroundTruthFn(functools.partial(e2e.build_scenario, name, False), protocol)
-            folder = os.path.join(cache, "ground_truth", f"e2e-{name}")
-        outputs[protocol] = retrain(train_fn, masks, range(first, first + seeds), os.path.join(folder, protocol),
-                                    processes=2, progress=False, models_per_call=50)
-    return {"masks": masks, "outputs": outputs}
+    """The split's 100 subsets retrained with ``seeds`` seeds under both protocols
+    (end_to_end.py's runner and caches, shared with lds.py)."""
+    settings = SimpleNamespace(subsets=100, seeds=seeds, protocols=bench.PROTOCOLS, cache=cache, processes=2,
+                               no_progress=True)
+    return e2e.ground_truth(name, False, scenario, settings, split_name)
 
 
 def replay(make_model, scenario: sc.Scenario, seed: int, weights: torch.Tensor, create_graph: bool = False):

@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,3 +133,41 @@ def test_time_scale_benchmark_smoke(tmp_path):
         assert set(row) == {"retrain", "retrain (same epochs)", "same init", "same batches", "corr. with exact"}
         assert -1.0 <= row["retrain"] <= 1.0
     assert "retrain (same epochs)" in rows["SOURCE k=256 fine c=1"]
+
+
+def test_time_scale_decomposition_adds_up(tiny_run, tmp_path):
+    """benchmarks/time_scale.py's decompose(): the segments' terms are measured on the scores
+    SOURCE gives, and the last segment's eigenvalue bands rebuild that segment's term."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import time_scale as ts
+    finally:
+        sys.path.pop(0)
+    from srcproj import MatrixProjector, Segment, Trajectory
+    from srcproj.baselines import SourceVariant
+    from srcproj.eval import draw_subsets, lds
+
+    run = tiny_run
+    first, last = run.checkpoints
+
+    def trajectory(protocol="steps"):
+        steps = 5 if protocol == "steps" else 2
+        return Trajectory([Segment([first], steps, run.lr, run.data), Segment([last], steps, run.lr, run.data)],
+                          weight_decay=1e-3)
+
+    p = sum(x.numel() for x in run.model.parameters())
+    attributor = run.attributor(tmp_path / "store.zarr", trajectory(), proj_dim=p,
+                                projector=MatrixProjector(torch.eye(p, dtype=torch.float64)))
+    attributor.featurize(progress=False)
+    masks = draw_subsets(len(run.y), 20, 0.5, seed=0)
+    outputs = np.random.default_rng(0).normal(size=(20, 1, len(run.yq)))
+    found = ts.decompose(attributor, trajectory, run.queries, masks, outputs)
+    for c in ("0.1", "1", "100"):
+        full = SourceVariant(attributor, ts.scaled(trajectory(), float(c))).score(run.queries)
+        segments = found["segments"][c]
+        assert segments["all"] == pytest.approx(lds(full, masks, outputs, num_bootstrap=1).mean, abs=1e-9)
+        assert set(segments) == {"all", "segment 0", "segment 1", "without the last"}
+        # The bands' sum is the last segment's term, rebuilt from its stored spectrum.
+        assert found["bands"][c]["all"] == pytest.approx(segments["segment 1"], abs=1e-6)
+        assert any(key.startswith("a*lambda in") for key in found["bands"][c])
