@@ -83,12 +83,13 @@ from srcproj.eval import draw_subsets, lds, retrain  # noqa: E402
 PROTOCOLS = asc.PROTOCOLS
 DEFAULT = "SOURCE (AdamW default)"  # preconditioner="shared", adam_response="linearized"
 TIME_SCALES = {"SOURCE time ×0.2": 0.2, "SOURCE time ×0.5": 0.5, "SOURCE time ×2": 2.0, "SOURCE time ×5": 5.0}
-ADAM_METHODS = (DEFAULT, "SOURCE per-segment preconditioner", "SOURCE without optimizer state",
+CHAINED = "SOURCE, segments chained"  # unroll="segments": the paper's chain of every segment
+ADAM_METHODS = (DEFAULT, CHAINED, "SOURCE per-segment preconditioner", "SOURCE without optimizer state",
                 "SOURCE fixed second moment", *TIME_SCALES, "IF", "IF (oracle damping)",
                 "Adam TracIn", "TRAK (srcproj)")
 SGD_METHODS = ("SOURCE as SGD", "SOURCE as SGD+momentum", "IF plain gradients (oracle damping)")
 ALL_METHODS = ADAM_METHODS + SGD_METHODS
-NEEDS_DEFAULT_STORE = {DEFAULT, *TIME_SCALES, "IF", "IF (oracle damping)", "Adam TracIn", "TRAK (srcproj)"}
+NEEDS_DEFAULT_STORE = {DEFAULT, CHAINED, *TIME_SCALES, "IF", "IF (oracle damping)", "Adam TracIn", "TRAK (srcproj)"}
 #: Damping of the oracle influence functions: these multiples of the mean eigenvalue of
 #: the final checkpoint's Hessian are all scored, and the best on the evaluated split
 #: and protocol is reported (an advantage given to the baseline, not to SOURCE).
@@ -170,6 +171,10 @@ def method_scores(name: str, run: asc.AttributedRun, queries, settings: Settings
             for protocol in PROTOCOLS:
                 variant = SourceVariant(base, default_trajectory(protocol))
                 scores[DEFAULT, protocol] = timed(DEFAULT, lambda v=variant: v.score(queries))
+        if CHAINED in methods:
+            for protocol in PROTOCOLS:
+                variant = SourceVariant(base, default_trajectory(protocol), unroll="segments")
+                scores[CHAINED, protocol] = timed(CHAINED, lambda v=variant: v.score(queries))
         for label, scale in TIME_SCALES.items():
             if label in methods:
                 for protocol in PROTOCOLS:

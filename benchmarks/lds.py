@@ -179,6 +179,10 @@ def method_scores(name: str, scenario: sc.Scenario, seed: int, queries, settings
         for protocol in PROTOCOLS:
             variant = SourceVariant(att, layout_trajectory(protocol))
             scores[label, protocol] = timed(label, lambda v=variant: v.score(queries))
+        if label == "SOURCE k=2048" and CHAINED in methods:  # the paper's chain of every segment
+            for protocol in PROTOCOLS:
+                variant = SourceVariant(att, layout_trajectory(protocol), unroll="segments")
+                scores[CHAINED, protocol] = timed(CHAINED, lambda v=variant: v.score(queries))
     if "SOURCE Kronecker projection" in methods:
         from srcproj import KroneckerProjector
 
@@ -231,7 +235,8 @@ SOURCE_VARIANTS = {
     "SOURCE k=2048": ("default", 2048, "exact", "float16"),
     "SOURCE float32 features": ("default", None, "exact", "float32"),
 }
-ALL_METHODS = ("IF", "TracIn", "TRAK (srcproj)", "TRAK (official)", "RepSim", "Fast-SOURCE",
+CHAINED = "SOURCE k=2048, segments chained"  # unroll="segments", from the "SOURCE k=2048" store
+ALL_METHODS = ("IF", "TracIn", "TRAK (srcproj)", "TRAK (official)", "RepSim", "Fast-SOURCE", CHAINED,
                "SOURCE last-segment query", *SOURCE_VARIANTS, "SOURCE Kronecker projection")
 
 

@@ -356,6 +356,9 @@ def main() -> None:
                 for protocol in bench.PROTOCOLS:
                     variant = SourceVariant(attributor, scaled(trajectory(protocol), c))
                     scores[f"SOURCE k={label} c={c:g} | {protocol}"] = variant.score(queries)
+                    # The paper's chain of every segment (unroll="segments"), the default before issue 18.
+                    variant = SourceVariant(attributor, scaled(trajectory(protocol), c), unroll="segments")
+                    scores[f"SOURCE k={label} chained c={c:g} | {protocol}"] = variant.score(queries)
             if text == args.proj_dims[0]:
                 scores[f"IF k={label}"] = InfluenceFunction(attributor).score(queries)
                 scores[f"TracIn k={label}"] = TracIn(attributor).score(queries)

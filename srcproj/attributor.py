@@ -85,6 +85,14 @@ class Attributor(AttributionMethod):
         (the default), or at the final checkpoint only (docs/math.md §4). The average
         smooths the noise of one SGD iterate; it won on every scenario of the LDS
         benchmark (docs/benchmarks.md). It changes only scoring, not the store.
+    unroll : {"stages", "segments"}
+        ``"stages"`` (the default): consecutive segments that trained on one data set
+        are unrolled as one stretch, with their Hessians and gradients averaged by
+        time (learning rate); only a change of data set is chained through ``exp(-aH)``.
+        ``"segments"``: every segment is chained, as in the paper. On every benchmark
+        run the stage form scored higher LDS at the default time, and chaining same-data
+        segments is what made SOURCE dip below the influence function (docs/math.md
+        §4, docs/benchmarks.md). It changes only the caches: switching recomputes them.
     distributed : bool, optional
         ``None`` (default): if a ``torch.distributed`` process group is initialized with
         more than one process (a script started by ``torchrun``), the Attributor is
@@ -112,7 +120,7 @@ class Attributor(AttributionMethod):
                  hessian: str = "auto", fisher_samples: int = 1, hessian_sample: int | None = None,
                  feature_dtype: str = "float16",
                  chunk_size: int = 1024, device: str | torch.device | None = None, query: str = "last_segment",
-                 preconditioner: str = "shared", adam_response: str = "linearized",
+                 preconditioner: str = "shared", adam_response: str = "linearized", unroll: str = "stages",
                  distributed: bool | None = None, counterfactual: str | Counterfactual = "same_steps") -> None:
         self.query = check_choice(query, "query", _QUERY_MODES)
         self.counterfactual = resolve_counterfactual(counterfactual)
@@ -120,7 +128,7 @@ class Attributor(AttributionMethod):
         self.context = AttributionContext.from_trajectory(
             model, task, trajectory, projector, modules=modules, hessian=hessian, fisher_samples=fisher_samples,
             hessian_sample=hessian_sample, preconditioner=preconditioner, adam_response=adam_response,
-            feature_dtype=feature_dtype, chunk_size=chunk_size, device=device)
+            unroll=unroll, feature_dtype=feature_dtype, chunk_size=chunk_size, device=device)
         self.trajectory = trajectory
         self.counterfactual.attributed_segments(self.context.data_groups)  # data_segment exists
         self._collective = Collective(distributed)

@@ -35,7 +35,7 @@ from .errors import ConfigurationError
 from .method import AttributionMethod, Source
 from .optimizer import split_checkpoint
 from .scoring import BlockReader, Cache, Queries
-from .source import eigendecompose
+from .source import UNROLLINGS, eigendecompose
 from .store import metadata_differences
 from .tasks import ClassificationTask
 from .trajectory import Segment, Trajectory
@@ -162,10 +162,13 @@ class SourceVariant(Source):
         checkpoints; default: the attributor's ``query`` setting.
     segments : sequence of int, optional
         Segments whose terms are summed (as in :meth:`Attributor.score`).
+    unroll : {"stages", "segments"}, optional
+        How segments are unrolled (the Attributor's ``unroll``); default: the
+        attributor's own setting.
     """
 
     def __init__(self, attributor: Attributor, trajectory: Trajectory | None = None, query: str | None = None,
-                 segments: Sequence[int] | None = None) -> None:
+                 segments: Sequence[int] | None = None, unroll: str | None = None) -> None:
         attributor = _require_attributor(attributor)
         own = attributor.trajectory
         trajectory = own if trajectory is None else trajectory
@@ -188,10 +191,13 @@ class SourceVariant(Source):
                 raise ConfigurationError(f"segment {i}'s data has another number of examples than the store's; "
                                          "only steps and learning rates may change")
         query = attributor.query if query is None else check_choice(query, "query", ("final", "last_segment"))
+        if unroll is not None:
+            check_choice(unroll, "unroll", UNROLLINGS)
         self.attributor = attributor
         self.trajectory = trajectory
         times = [trajectory.segment_time(s) for s in range(len(trajectory.segments))]
-        super().__init__(attributor.context, attributor.layout, query, attributor.context.selection(segments), times)
+        super().__init__(attributor.context, attributor.layout, query, attributor.context.selection(segments), times,
+                         unroll=unroll)
 
 
 class TracIn(_StoreBaseline):

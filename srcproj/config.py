@@ -346,6 +346,7 @@ class StoreSettings:
     query: str = "last_segment"
     preconditioner: str = "shared"
     adam_response: str = "linearized"
+    unroll: str = "stages"
     counterfactual: Any = "same_steps"
     _where: str = "store"
 
@@ -682,7 +683,7 @@ class RunConfig:
             projector=projector, modules=store.modules, hessian=store.hessian, fisher_samples=store.fisher_samples,
             hessian_sample=store.hessian_sample, feature_dtype=store.feature_dtype, chunk_size=store.chunk_size,
             device=store.device, query=store.query, preconditioner=store.preconditioner,
-            adam_response=store.adam_response,
+            adam_response=store.adam_response, unroll=store.unroll,
             counterfactual=store.counterfactual_setting() if counterfactual is None else counterfactual)
 
 

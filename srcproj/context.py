@@ -39,6 +39,7 @@ from .preconditioning import (
     small_space_decay,
 )
 from .projection import FastJLProjector, KroneckerProjector, Projector, RademacherProjector
+from .source import UNROLLINGS, stage_of_segments
 from .store import AttributionStore, metadata_differences
 from .tasks import Task
 from .trajectory import Trajectory
@@ -116,13 +117,14 @@ class AttributionContext:
         self.optimizer_record: dict = {"preconditioned": False}
         self._layout: StoreLayout | None = None
         self._scales: dict[int, torch.Tensor] = {}
+        self.unroll = "segments"
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_trajectory(cls, model: nn.Module, task: Task, trajectory: Trajectory, projector: Projector, *,
                         modules: Sequence[str] | None, hessian: str, fisher_samples: int, feature_dtype: str,
                         hessian_sample: int | None = None, preconditioner: str = "shared",
-                        adam_response: str = "linearized",
+                        adam_response: str = "linearized", unroll: str = "stages",
                         chunk_size: int, device: Any) -> AttributionContext:
         """Validate the user's inputs and read every checkpoint once (digests, shapes)."""
         if not isinstance(trajectory, Trajectory):
@@ -136,6 +138,7 @@ class AttributionContext:
             raise ConfigurationError(f"projector must be a srcproj Projector, got {type(projector).__name__}")
         check_choice(preconditioner, "preconditioner", CHAININGS)
         check_choice(adam_response, "adam_response", RESPONSES)
+        check_choice(unroll, "unroll", UNROLLINGS)
         computer = GradientComputer(model, task, modules)
         index = trajectory.checkpoint_index
         resolved = resolve_optimizer(trajectory.optimizer if trajectory.optimizer is not None else trajectory.spec,
@@ -169,6 +172,7 @@ class AttributionContext:
                        resolved.state_by_name(optimizer_state, label(c), computer.param_shapes))
             states.append(_state_digest(by_name) if by_name else None)
         context.optimizer = resolved
+        context.unroll = unroll
         context._read_optimizer_state = lambda c: resolved.state_by_name(read(c)[1], label(c), computer.param_shapes)
         context.optimizer_record = _optimizer_record(resolved, trajectory, states, preconditioner, adam_response)
         if context.optimizer_record["preconditioned"] and projector.factored:
@@ -270,6 +274,8 @@ class AttributionContext:
         context.trajectory = None
         context.optimizer = None
         context.optimizer_record = dict(meta.get("optimizer") or {"preconditioned": False})
+        # Caches of stores made before the setting existed chained every segment.
+        context.unroll = str(layout.stage_inputs().get("caches", {}).get("unroll", "segments"))
         context.attach(layout)
         context.hessian_sample = meta.get("hessian_sample")
         context._expected_projector = meta["projector"]
@@ -317,6 +323,7 @@ class AttributionContext:
             "caches": {
                 "momentum": float(trajectory.momentum),
                 "gain": spec.gain(),
+                "unroll": self.unroll,
                 "segments": [{"steps": seg.steps, "total_lr": seg.total_lr, "time": trajectory.segment_time(i)}
                              for i, seg in enumerate(trajectory.segments)],
             },
@@ -327,11 +334,18 @@ class AttributionContext:
                 "counterfactual": counterfactual.record(),
                 "momentum": float(trajectory.momentum),
                 "gain": spec.gain(),
+                "unroll": self.unroll,
                 "attributed": counterfactual.attributed_segments(self.data_groups),
                 "segments": [{"steps": seg.steps, "total_lr": seg.total_lr, "time": times[i]}
                              for i, seg in enumerate(trajectory.segments)],
             }
         return inputs
+
+    def unrolled_stages(self, unroll: str | None = None) -> list[int] | None:
+        """Per segment, the stage SOURCE unrolls it in under ``unroll`` (default: this
+        run's setting): with ``"stages"`` consecutive segments of one data set share one;
+        ``None``: every segment on its own."""
+        return stage_of_segments(self.data_groups) if (unroll or self.unroll) == "stages" else None
 
     def segment_times(self) -> list[float]:
         """SOURCE's time of every segment, as the trajectory describes them (same steps)."""

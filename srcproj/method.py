@@ -190,14 +190,17 @@ class Source(AttributionMethod):
     setting : str, optional
         The key of the counterfactual setting whose stored caches are read
         (:attr:`srcproj.Counterfactual.key`; default: same steps).
+    unroll : {"stages", "segments"}, optional
+        With ``times``: how segments are unrolled (default: the context's setting).
     """
 
     name = "SOURCE"
 
     def __init__(self, context: Any, layout: Any, query: str, segments: list[int],
-                 times: list[float] | None = None, setting: str | None = None) -> None:
+                 times: list[float] | None = None, setting: str | None = None, unroll: str | None = None) -> None:
         self.context, self.layout, self.query, self.segments, self.times = context, layout, query, segments, times
         self.setting = setting
+        self.unroll = context.unroll if unroll is None else unroll
         self._training: Cache | None = None
 
     def protected_location(self) -> str | None:
@@ -219,7 +222,8 @@ class Source(AttributionMethod):
                                          layout.cache_dtype)
             return self._training
         spectra = [SegmentSpectrum(*layout.read_spectrum(s)) for s in range(layout.num_segments)]
-        operators = unrolling_operators(spectra, self.times, [layout.rows(s) for s in range(layout.num_segments)])
+        operators = unrolling_operators(spectra, self.times, [layout.rows(s) for s in range(layout.num_segments)],
+                                        ctx.unrolled_stages(self.unroll))
         total = None
         for seg in self.segments:
             members = layout.members(seg)

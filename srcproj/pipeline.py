@@ -343,7 +343,8 @@ class CacheStage:
 
     def run(self, spectra: list[SegmentSpectrum], report: FeaturizeReport, bar: tqdm) -> None:
         layout = self.layout
-        operators = unrolling_operators(spectra, self.times, [layout.rows(s) for s in range(layout.num_segments)])
+        operators = unrolling_operators(spectra, self.times, [layout.rows(s) for s in range(layout.num_segments)],
+                                        self.context.unrolled_stages())
         for seg in self.segments:
             operator = operators[seg]
             array, flags = layout.cache(seg, self.setting), layout.cache_flags(seg, self.setting)

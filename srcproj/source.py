@@ -3,7 +3,8 @@
 Notation follows ``docs/math.md``: a segment with mean Hessian ``H = V diag(λ) Vᵀ``
 and time ``a`` forgets with ``S = exp(-aH)`` and accumulates with
 ``F = (I - exp(-aH)) H⁻¹``; removing example m moves the final parameters by
-``Σ_ℓ W_ℓ ḡ_ℓ(m)`` with ``W_ℓ = S_L ⋯ S_{ℓ+1} F_ℓ / N_ℓ``.
+``Σ_ℓ W_ℓ ḡ_ℓ(m)`` with ``W_ℓ = S_L ⋯ S_{ℓ+1} F_ℓ / N_ℓ``. With stages, consecutive
+segments of one data set are first merged into one stretch (:func:`stage_of_segments`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,16 @@ __all__ = [
     "accumulate_spectrum",
     "eigendecompose",
     "unrolling_operators",
+    "stage_of_segments",
     "segment_time",
+    "UNROLLINGS",
 ]
+
+#: How segments are unrolled: "stages" merges consecutive segments of one data set into
+#: one stationary stretch (time-weighted mean Hessian and gradient) before chaining;
+#: "segments" chains every segment as the paper does. docs/math.md §4 says why "stages"
+#: is the default.
+UNROLLINGS = ("stages", "segments")
 
 
 @dataclass(frozen=True)
@@ -75,8 +84,33 @@ def eigendecompose(hessian: np.ndarray, damping: float = 0.0) -> SegmentSpectrum
     return SegmentSpectrum(np.clip(values, 0.0, None), vectors)
 
 
+def stage_of_segments(data_groups: Sequence[int]) -> list[int]:
+    """The stage of every segment: consecutive segments of one data set share a stage.
+
+    ``[0, 0, 0, 1, 1]`` (three segments on one data set, then two on another) gives
+    ``[0, 0, 0, 1, 1]``; ``[0, 1, 0]`` gives ``[0, 1, 2]``: a data set trained on again
+    after another is a new stage.
+    """
+    stages: list[int] = []
+    for index, group in enumerate(data_groups):
+        if index == 0:
+            stages.append(0)
+        else:
+            stages.append(stages[-1] + int(group != data_groups[index - 1]))
+    return stages
+
+
+def _merge_stage(spectra: Sequence[SegmentSpectrum], times: Sequence[float]) -> SegmentSpectrum:
+    """The spectrum of the time-weighted mean ``Σ a_ℓ H_ℓ / Σ a_ℓ`` of the segments' Hessians."""
+    total = float(sum(times))
+    merged = sum(spectrum.function(spectrum.eigenvalues) * (time / total)
+                 for spectrum, time in zip(spectra, times, strict=True))
+    return eigendecompose(merged)
+
+
 def unrolling_operators(
-    spectra: Sequence[SegmentSpectrum], times: Sequence[float], sizes: Sequence[int]
+    spectra: Sequence[SegmentSpectrum], times: Sequence[float], sizes: Sequence[int],
+    stages: Sequence[int] | None = None,
 ) -> list[np.ndarray]:
     """The k×k operators ``W_ℓ = S_L ⋯ S_{ℓ+1} F_ℓ / N_ℓ`` for every segment ℓ.
 
@@ -85,9 +119,29 @@ def unrolling_operators(
     spectra : per segment, in training order
     times : per segment, ``a_ℓ``
     sizes : per segment, ``N_ℓ`` (the number of examples it trained on)
+    stages : per segment, its stage (:func:`stage_of_segments`), optional
+        Segments of one stage are unrolled as one stretch of time ``A = Σ a_ℓ`` with the
+        time-weighted mean Hessian ``H̄ = Σ a_ℓ H_ℓ / A``, and segment ℓ's operator is that
+        stretch's ``W`` times ``a_ℓ / A``, so that ``Σ_ℓ W_ℓ ḡ_ℓ = W · Σ_ℓ a_ℓ ḡ_ℓ / A``:
+        the stretch's time-weighted mean gradient. Default: every segment is its own stage.
     """
     if not (len(spectra) == len(times) == len(sizes)):
         raise ValueError("spectra, times and sizes need one entry per segment")
+    if stages is not None and any(s != i for i, s in enumerate(stages)):
+        if len(stages) != len(spectra) or stages[0] != 0 or any(
+                b not in (a, a + 1) for a, b in zip(stages, stages[1:], strict=False)):
+            raise ValueError("stages must number consecutive segments 0, 1, ... in order")
+        members = [[i for i, s in enumerate(stages) if s == stage] for stage in range(stages[-1] + 1)]
+        for group in members:
+            if len({int(sizes[i]) for i in group}) > 1:
+                raise ValueError("the segments of one stage must train on the same number of examples")
+        merged = unrolling_operators(
+            [_merge_stage([spectra[i] for i in group], [times[i] for i in group]) if len(group) > 1
+             else spectra[group[0]] for group in members],
+            [float(sum(times[i] for i in group)) for group in members],
+            [sizes[group[0]] for group in members])
+        return [merged[stages[i]] * (float(times[i]) / float(sum(times[j] for j in members[stages[i]])))
+                for i in range(len(spectra))]
     later: np.ndarray | None = None  # S_L ⋯ S_{ℓ+1}, built from the last segment backwards; None: I
     operators: list[np.ndarray] = [np.empty(0)] * len(spectra)
     for index in range(len(spectra) - 1, -1, -1):

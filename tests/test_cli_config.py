@@ -177,6 +177,7 @@ def test_unknown_key_given_by_set(tiny_dir):
     ('path = "tiny.zarr"', "path = 5", ["store.path", "directory path"]),
     ('path = "tiny.zarr"', 'path = "tiny.zarr"\ncounterfactual = "sometimes"', ["store.counterfactual", "same_steps"]),
     ('path = "tiny.zarr"', 'path = "tiny.zarr"\nprojector = "gaussian"', ["store.projector", "kronecker"]),
+    ('path = "tiny.zarr"', 'path = "tiny.zarr"\nunroll = "paper"', ["unroll", "'paper'", "stages"]),
     ("[store]", 'verify = "yes"\n\n[store]', ["trajectory.verify", "true or false"]),
     ("steps = 2", "steps = 2.5", ["trajectory.segments[0].steps", "whole number of optimizer steps"]),
     ("proj_dim = 4", 'proj_dim = 4\n\n[featurize]\nbatch_size = "x"',

@@ -10,7 +10,16 @@ from torch import nn
 
 from srcproj import Attributor, ClassificationTask, MatrixProjector, RegressionTask, Segment, Trajectory
 from srcproj import layout as names
-from srcproj.source import accumulate_spectrum, forget_spectrum
+from srcproj.baselines import SourceVariant
+from srcproj.errors import ConfigurationError
+from srcproj.source import (
+    SegmentSpectrum,
+    accumulate_spectrum,
+    eigendecompose,
+    forget_spectrum,
+    stage_of_segments,
+    unrolling_operators,
+)
 
 
 def tiny_classifier(seed: int) -> nn.Module:
@@ -85,6 +94,87 @@ def test_orthogonal_projection_equals_full_space_brute_force(three_segments, tmp
         for i in range(len(ya))
     ])
     np.testing.assert_allclose(attr.self_influence(), self_expected, rtol=1e-6, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def staged_run():
+    """Segments on data A, A, B, A: stages 0, 0, 1, 2; unequal times within the first stage."""
+    model = tiny_classifier(4)
+    data_a = classification_data(18, seed=5)
+    data_b = classification_data(12, seed=6, shift=1.0)
+    states = [perturbed(model, 0.25 * (i + 1), seed=30 + i) for i in range(8)]
+    lrs = [(40, 0.05), (20, 0.2), (30, 0.1), (25, 0.08)]
+    datas = [data_a, data_a, data_b, data_a]
+    traj = Trajectory(segments=[Segment(states[2 * i:2 * i + 2], steps=steps, lr=lr, data=data)
+                                for i, ((steps, lr), data) in enumerate(zip(lrs, datas, strict=True))],
+                      momentum=0.5, weight_decay=0.02)
+    brute = [{"states": states[2 * i:2 * i + 2], "time_lr": steps * lr, "X": data[0], "y": data[1], "stage": stage}
+             for i, ((steps, lr), data, stage) in enumerate(zip(lrs, datas, (0, 0, 1, 2), strict=True))]
+    return model, traj, brute, classification_data(5, seed=7)
+
+
+def test_stages_unroll_equals_full_space_brute_force(staged_run, tmp_path):
+    model, traj, brute, query = staged_run
+    p = sum(v.numel() for v in model.parameters())
+    task = ClassificationTask()
+    attr = Attributor(model, task, traj, tmp_path / "staged.zarr", projector=MatrixProjector(orthogonal(p, 8)),
+                      feature_dtype="float64", chunk_size=5, query="final")
+    attr.featurize(batch_size=4, progress=False)
+    expected = bruteforce.stage_source_scores(model, task, brute, 0.02, 0.5, query, selected=[0, 1, 3])
+    np.testing.assert_allclose(attr.score(query), expected, rtol=1e-6, atol=1e-12)
+    first = bruteforce.stage_source_scores(model, task, brute, 0.02, 0.5, query, selected=[0])
+    np.testing.assert_allclose(attr.score(query, segments=[0]), first, rtol=1e-6, atol=1e-12)
+    # The paper's chain, from the same store's features and spectra, and after switching.
+    chained = bruteforce.source_scores(model, task, brute, 0.02, 0.5, query, selected=[0, 1, 3])
+    np.testing.assert_allclose(SourceVariant(attr, unroll="segments").score(query), chained, rtol=1e-6, atol=1e-12)
+    assert not np.allclose(chained, expected, rtol=1e-2)  # the two forms differ here, so the test can fail
+    switched = Attributor(model, task, traj, tmp_path / "staged.zarr", projector=MatrixProjector(orthogonal(p, 8)),
+                          feature_dtype="float64", chunk_size=5, query="final", unroll="segments")
+    report = switched.featurize(batch_size=4, progress=False)
+    assert report.recomputed_stages == ["caches"] and report.feature_chunks_computed == 0
+    np.testing.assert_allclose(switched.score(query), chained, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ConfigurationError, match="unroll"):
+        SourceVariant(attr, unroll="paper")
+
+
+def test_stage_of_segments_numbers_runs_of_one_data_set():
+    assert stage_of_segments([0, 0, 0]) == [0, 0, 0]
+    assert stage_of_segments([0, 0, 1, 1]) == [0, 0, 1, 1]
+    assert stage_of_segments([0, 1, 0]) == [0, 1, 2]
+    assert stage_of_segments([4]) == [0]
+
+
+def test_a_stage_with_one_hessian_sums_to_its_chained_segments():
+    """With one Hessian H throughout a stage, Σ_ℓ W_ℓ is F_A(H)/N in both forms (the
+    chain's exp(-a₂H)F_{a₁} + F_{a₂} = F_{a₁+a₂}), checked with scipy's expm."""
+    rng = np.random.default_rng(0)
+    root = rng.standard_normal((5, 5))
+    hessian = root @ root.T / 5 + 0.05 * np.eye(5)
+    spectrum = eigendecompose(hessian)
+    times, size = [0.7, 2.0, 1.3], 9
+    forget, accumulate = bruteforce.segment_matrices(hessian, sum(times))
+    for stages in ([0, 0, 0], None):
+        operators = unrolling_operators([spectrum] * 3, times, [size] * 3, stages)
+        np.testing.assert_allclose(sum(operators), accumulate / size, rtol=1e-10, atol=1e-12)
+    merged = unrolling_operators([spectrum] * 3, times, [size] * 3, [0, 0, 0])
+    np.testing.assert_allclose(merged[1], accumulate / size * times[1] / sum(times), rtol=1e-10, atol=1e-12)
+
+
+def test_stages_of_another_shape_are_refused():
+    spectrum = SegmentSpectrum(np.ones(2), np.eye(2))
+    with pytest.raises(ValueError, match="consecutive"):
+        unrolling_operators([spectrum] * 3, [1.0] * 3, [4] * 3, [0, 2, 2])
+    with pytest.raises(ValueError, match="consecutive"):
+        unrolling_operators([spectrum] * 2, [1.0] * 2, [4] * 2, [1, 1])
+    with pytest.raises(ValueError, match="same number"):
+        unrolling_operators([spectrum] * 2, [1.0] * 2, [4, 5], [0, 0])
+
+
+def test_an_unknown_unroll_is_refused(staged_run, tmp_path):
+    model, traj, _, _ = staged_run
+    with pytest.raises(ConfigurationError, match="unroll"):
+        Attributor(model, ClassificationTask(), traj, tmp_path / "bad.zarr", unroll="paper")
+    assert not (tmp_path / "bad.zarr").exists()
 
 
 def test_rademacher_projection_stays_close_to_brute_force(tmp_path):
@@ -189,9 +279,10 @@ def test_linear_regression_matches_unrolled_derivative_and_finer_segments_help(t
         data = segments[0].data
         for seg in segments:
             seg.data = data
+        # The paper's chain of every segment: the form whose fine limit is the run's derivative.
         attr = Attributor(model, RegressionTask(), Trajectory(segments), tmp_path / f"lin{count}.zarr",
                           projector=MatrixProjector(orthogonal(5, 2)), feature_dtype="float64", chunk_size=16,
-                          query="final")
+                          query="final", unroll="segments")
         attr.featurize(progress=False)
         scores = attr.score((Xq, yq))
         errors[count] = np.linalg.norm(scores - exact) / np.linalg.norm(exact)
