@@ -150,6 +150,10 @@ def method_scores(name: str, scenario: sc.Scenario, seed: int, queries, settings
     for protocol in PROTOCOLS:
         scores["SOURCE, same-steps setting", protocol] = scores["SOURCE", "steps"]
     selfinf["SOURCE"] = base.self_influence()
+    if CHAINED in methods:  # the paper's chain of every segment, from the same store
+        for protocol in PROTOCOLS:
+            variant = SourceVariant(base, trajectory(protocol), unroll="segments")
+            scores[CHAINED, protocol] = timed(CHAINED, lambda v=variant: v.score(queries))
 
     shared = {"IF": lambda: InfluenceFunction(base), "TracIn": lambda: TracIn(base),
               "TRAK (srcproj)": lambda: TRAK(base), "RepSim": lambda: RepresentationSimilarity(base, "1")}
@@ -179,10 +183,6 @@ def method_scores(name: str, scenario: sc.Scenario, seed: int, queries, settings
         for protocol in PROTOCOLS:
             variant = SourceVariant(att, layout_trajectory(protocol))
             scores[label, protocol] = timed(label, lambda v=variant: v.score(queries))
-        if label == "SOURCE k=2048" and CHAINED in methods:  # the paper's chain of every segment
-            for protocol in PROTOCOLS:
-                variant = SourceVariant(att, layout_trajectory(protocol), unroll="segments")
-                scores[CHAINED, protocol] = timed(CHAINED, lambda v=variant: v.score(queries))
     if "SOURCE Kronecker projection" in methods:
         from srcproj import KroneckerProjector
 
@@ -235,7 +235,7 @@ SOURCE_VARIANTS = {
     "SOURCE k=2048": ("default", 2048, "exact", "float16"),
     "SOURCE float32 features": ("default", None, "exact", "float32"),
 }
-CHAINED = "SOURCE k=2048, segments chained"  # unroll="segments", from the "SOURCE k=2048" store
+CHAINED = "SOURCE, segments chained"  # unroll="segments" (the default before issue 18), from SOURCE's store
 ALL_METHODS = ("IF", "TracIn", "TRAK (srcproj)", "TRAK (official)", "RepSim", "Fast-SOURCE", CHAINED,
                "SOURCE last-segment query", *SOURCE_VARIANTS, "SOURCE Kronecker projection")
 

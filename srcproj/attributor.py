@@ -33,7 +33,7 @@ from .validation import check_choice, check_positive_int
 
 __all__ = ["Attributor", "FeaturizeReport"]
 
-_QUERY_MODES = ("final", "last_segment")
+QUERY_MODES = ("final", "last_segment", "last_stage")
 
 
 class Attributor(AttributionMethod):
@@ -80,11 +80,15 @@ class Attributor(AttributionMethod):
         Training examples per stored chunk: the unit of resumption.
     device : str or torch.device, optional
         Where gradients are computed (default: the model's device).
-    query : {"last_segment", "final"}
-        Where query gradients ψ are taken: averaged over the last segment's checkpoints
-        (the default), or at the final checkpoint only (docs/math.md §4). The average
-        smooths the noise of one SGD iterate; it won on every scenario of the LDS
-        benchmark (docs/benchmarks.md). It changes only scoring, not the store.
+    query : {"last_stage", "last_segment", "final"}
+        Where query gradients ψ are taken (docs/math.md §4): averaged over the last
+        stage's checkpoints, each weighted by its segment's share of the stage's time,
+        as the stage's training gradients are (the default); averaged over the last
+        segment's checkpoints; or at the final checkpoint only. With one segment in the
+        last stage the first two are the same. The averages smooth the noise of one SGD
+        iterate and match ψ to the checkpoints that define the training side; the stage
+        average scored highest on the benchmarks (docs/benchmarks.md). It changes only
+        scoring, not the store.
     unroll : {"stages", "segments"}
         ``"stages"`` (the default): consecutive segments that trained on one data set
         are unrolled as one stretch, with their Hessians and gradients averaged by
@@ -119,10 +123,10 @@ class Attributor(AttributionMethod):
                  seed: int = 0, *, projector: Projector | None = None, modules: Sequence[str] | None = None,
                  hessian: str = "auto", fisher_samples: int = 1, hessian_sample: int | None = None,
                  feature_dtype: str = "float16",
-                 chunk_size: int = 1024, device: str | torch.device | None = None, query: str = "last_segment",
+                 chunk_size: int = 1024, device: str | torch.device | None = None, query: str = "last_stage",
                  preconditioner: str = "shared", adam_response: str = "linearized", unroll: str = "stages",
                  distributed: bool | None = None, counterfactual: str | Counterfactual = "same_steps") -> None:
-        self.query = check_choice(query, "query", _QUERY_MODES)
+        self.query = check_choice(query, "query", QUERY_MODES)
         self.counterfactual = resolve_counterfactual(counterfactual)
         projector = RademacherProjector(proj_dim, seed) if projector is None else projector
         self.context = AttributionContext.from_trajectory(
@@ -139,7 +143,7 @@ class Attributor(AttributionMethod):
 
     @classmethod
     def open(cls, store: Any, model: nn.Module, task: Task, data: Any = None, *, projector: Projector | None = None,
-             query: str = "last_segment", device: str | torch.device | None = None,
+             query: str = "last_stage", device: str | torch.device | None = None,
              counterfactual: str | Counterfactual = "same_steps") -> Attributor:
         """Reopen a featurized store for scoring, without rebuilding the trajectory.
 
@@ -161,7 +165,7 @@ class Attributor(AttributionMethod):
             or ``{segment: data}`` for the data sets of other segments: only
             :meth:`self_influence` and :meth:`checkpoint_features` need it. It is
             checked against the store's fingerprint.
-        query : {"last_segment", "final"}
+        query : {"last_stage", "last_segment", "final"}
             Where ψ is taken, as in the constructor.
         counterfactual : "same_steps" or Counterfactual
             The setting whose stored caches are scored, as in the constructor; the
@@ -174,7 +178,7 @@ class Attributor(AttributionMethod):
             featurize.
         """
         attributor = cls.__new__(cls)
-        attributor.query = check_choice(query, "query", _QUERY_MODES)
+        attributor.query = check_choice(query, "query", QUERY_MODES)
         attributor.counterfactual = resolve_counterfactual(counterfactual)
         attributor.store = AttributionStore.read(store)
         attributor.layout = StoreLayout(attributor.store)
@@ -339,7 +343,7 @@ class Attributor(AttributionMethod):
         ----------
         queries : Dataset or tuple (X, y)
             Query examples, scored with the task's measurement at the query checkpoints
-            (the final one, or the last segment's with ``query="last_segment"``).
+            (the final one, or the last segment's or last stage's, by ``query``).
         segments : sequence of int, optional
             0-based segments whose terms are summed (they must share one data set);
             default: the segments that share segment 0's data. Under a same-epochs
@@ -458,7 +462,8 @@ class Attributor(AttributionMethod):
         """ψ_q, shape ``(Q, k)``: the measurement's projected gradient at the query checkpoints.
 
         With ``query="final"`` that is ``P ∇f(z_q, θ_T)`` at the final checkpoint; with
-        ``query="last_segment"`` its mean over the last segment's checkpoints.
+        ``query="last_segment"`` its mean over the last segment's checkpoints; with
+        ``query="last_stage"`` (the default) its time-weighted mean over the last stage's.
         """
         source = self.context.query_source(queries)
         return self.context.measurement_features(source, 0, len(source), batch_size, self.query)

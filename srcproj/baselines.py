@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attributor import Attributor
+from .attributor import QUERY_MODES, Attributor
 from .data import ExampleSource
 from .errors import ConfigurationError
 from .method import AttributionMethod, Source
@@ -157,9 +157,9 @@ class SourceVariant(Source):
         (docs/math.md §8). Default: the attributor's own. Only its steps and learning
         rates are read: checkpoints and data always come from the store, and momentum,
         weight decay, segment count, checkpoint counts and data sizes must match.
-    query : {"final", "last_segment"}, optional
-        Query features at the final checkpoint or averaged over the last segment's
-        checkpoints; default: the attributor's ``query`` setting.
+    query : {"final", "last_segment", "last_stage"}, optional
+        Query features at the final checkpoint or averaged over the last segment's or
+        last stage's checkpoints; default: the attributor's ``query`` setting.
     segments : sequence of int, optional
         Segments whose terms are summed (as in :meth:`Attributor.score`).
     unroll : {"stages", "segments"}, optional
@@ -190,7 +190,7 @@ class SourceVariant(Source):
             if len(ExampleSource(a.data, f"segment {i}'s data", attributor.task)) != attributor.layout.rows(i):
                 raise ConfigurationError(f"segment {i}'s data has another number of examples than the store's; "
                                          "only steps and learning rates may change")
-        query = attributor.query if query is None else check_choice(query, "query", ("final", "last_segment"))
+        query = attributor.query if query is None else check_choice(query, "query", QUERY_MODES)
         if unroll is not None:
             check_choice(unroll, "unroll", UNROLLINGS)
         self.attributor = attributor

@@ -343,7 +343,7 @@ class StoreSettings:
     feature_dtype: str = "float16"
     chunk_size: int = 1024
     device: str | None = None
-    query: str = "last_segment"
+    query: str = "last_stage"
     preconditioner: str = "shared"
     adam_response: str = "linearized"
     unroll: str = "stages"

@@ -510,11 +510,34 @@ class AttributionContext:
         return source
 
     def query_checkpoints(self, mode: str) -> list[int]:
-        """The checkpoints ψ is taken at: the final one, or the last segment's."""
+        """The checkpoints ψ is taken at: the final one, the last segment's or the last stage's."""
         final = self.num_checkpoints - 1
         if mode == "final":
             return [final]
+        if mode == "last_stage":
+            stages = stage_of_segments(self.data_groups)
+            return [c for c in range(self.num_checkpoints) if stages[self.segment_of(c)] == stages[-1]]
         return self.members(self.segment_of(final))
+
+    def query_weights(self, mode: str) -> np.ndarray:
+        """The weight of each of :meth:`query_checkpoints`' checkpoints in ψ's mean: equal, or
+        for ``"last_stage"`` its segment's time share, ``a_ℓ / (A |C_ℓ|)``, as in the stage's ḡ."""
+        indices = self.query_checkpoints(mode)
+        if mode != "last_stage":
+            return np.full(len(indices), 1.0 / len(indices))
+        times = self.recorded_segment_times()
+        weights = np.array([times[self.segment_of(c)] / len(self.members(self.segment_of(c))) for c in indices])
+        return weights / weights.sum()
+
+    def recorded_segment_times(self) -> list[float]:
+        """The segments' same-steps times: the trajectory's, or those a reopened store recorded."""
+        if self.trajectory is not None:
+            return self.segment_times()
+        recorded = self._layout.stage_inputs().get("caches", {}).get("segments") if self._layout else None
+        if not recorded or len(recorded) != self.num_segments:
+            raise StoreError("the store records no segment times, which query='last_stage' weighs its checkpoints "
+                             "with; featurize it again with this version, or reopen it with query='last_segment'")
+        return [float(entry["time"]) for entry in recorded]
 
     def label(self, checkpoint: int) -> str:
         if checkpoint == self.num_checkpoints - 1:
@@ -620,16 +643,21 @@ class AttributionContext:
     def measurement_features(self, source: ExampleSource, start: int, stop: int, batch_size: int,
                              mode: str | Sequence[int]) -> np.ndarray:
         """ψ of rows ``start..stop-1``, averaged over the query checkpoints of ``mode``
-        ("final", "last_segment") or over the given checkpoint indices."""
-        indices = self.query_checkpoints(mode) if isinstance(mode, str) else list(mode)
+        ("final", "last_segment", "last_stage": :meth:`query_weights`) or, equally, over the
+        given checkpoint indices."""
+        if isinstance(mode, str):
+            indices, weights = self.query_checkpoints(mode), self.query_weights(mode)
+        else:
+            indices = list(mode)
+            weights = np.full(len(indices), 1.0 / len(indices))
         total = None
         with self.computer.evaluating():
-            for index in indices:
+            for index, weight in zip(indices, weights, strict=True):
                 with self.preconditioned_at(index):
                     rows = self.projected(self.parameters(index), source, start, stop, batch_size, "measurement",
-                                          self.label(index)).to("cpu", torch.float64)
+                                          self.label(index)).to("cpu", torch.float64) * float(weight)
                 total = rows if total is None else total + rows
-        return (total / len(indices)).numpy().astype(self.cache_dtype)
+        return total.numpy().astype(self.cache_dtype)
 
     def query_source(self, queries: Any) -> ExampleSource:
         """The query set, validated against the task."""

@@ -601,7 +601,9 @@ class StoreLayout:
         """A saved query checkpoint's state and the digest it was saved with."""
         if not self.has_checkpoint(checkpoint):
             raise StoreError(f"checkpoint {checkpoint} is not saved in the store {self.store.location!r}: only the "
-                             "last segment's checkpoints are, once featurize() has run")
+                             "last stage's checkpoints are, once featurize() has run (the last segment's by "
+                             "versions before query='last_stage'; reopen such a store with query='last_segment', "
+                             "or featurize it again with the trajectory)")
         name = query_checkpoint(checkpoint)
         data = self.store.read_all(name)
         attrs = self.store.group[name].attrs

@@ -180,7 +180,7 @@ class Source(AttributionMethod):
         The run.
     layout : StoreLayout
         The featurized store.
-    query : {"last_segment", "final"}
+    query : {"last_stage", "last_segment", "final"}
         Where ψ is taken (docs/math.md §4).
     segments : list of int
         Checked segment indices of one data set.
@@ -208,7 +208,7 @@ class Source(AttributionMethod):
 
     def describe_scores(self) -> dict:
         described = {**super().describe_scores(), "store": str(self.layout.store.location),
-                     "segments": self.segments, "query": self.query}
+                     "segments": self.segments, "query": self.query, "unroll": self.unroll}
         if self.times is None and self.setting is not None:
             described["counterfactual"] = self.setting
         return described

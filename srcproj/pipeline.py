@@ -383,7 +383,7 @@ def featurize(context: AttributionContext, layout: StoreLayout, collective: Coll
     def prepare() -> np.ndarray:
         report.recomputed_stages = layout.reconcile(stage_inputs)
         layout.create(setting, cache_segments)
-        for c in context.query_checkpoints("last_segment"):
+        for c in context.query_checkpoints("last_stage"):  # a superset of the last segment's
             if not layout.has_checkpoint(c):
                 layout.save_checkpoint(c, context.load(c), context.digests[c])
         done = np.asarray(layout.hessian_flags()[:], dtype=bool)

@@ -137,6 +137,39 @@ def test_stages_unroll_equals_full_space_brute_force(staged_run, tmp_path):
         SourceVariant(attr, unroll="paper")
 
 
+def test_last_stage_query_is_the_time_weighted_mean_over_the_last_stage(tmp_path):
+    """ψ for query="last_stage": Σ_c a_ℓ(c) / (A |C_ℓ|) · Q ∇f(θ_c) over the last stage's
+    checkpoints, with explicit per-example gradients; also from the reopened store."""
+    model = tiny_classifier(9)
+    data_b, data_a = classification_data(10, seed=11, shift=1.0), classification_data(12, seed=12)
+    states = [perturbed(model, 0.2 * (i + 1), seed=40 + i) for i in range(7)]
+    traj = Trajectory([Segment(states[0:2], steps=10, lr=0.1, data=data_b),
+                       Segment(states[2:4], steps=30, lr=0.05, data=data_a),       # a = 1.5, 2 checkpoints
+                       Segment(states[4:7], steps=20, lr=[0.3] * 20, data=data_a)],  # a = 6.0, 3 checkpoints
+                      weight_decay=0.01)
+    p = sum(v.numel() for v in model.parameters())
+    matrix = orthogonal(p, 13)[:6]
+    task = ClassificationTask()
+    attr = Attributor(model, task, traj, tmp_path / "q.zarr", projector=MatrixProjector(matrix),
+                      feature_dtype="float64", chunk_size=4)
+    assert attr.query == "last_stage"
+    attr.featurize(batch_size=4, progress=False)
+    names_ = [n for n, _ in model.named_parameters()]
+    Xq, yq = classification_data(3, seed=14)
+    psi = [bruteforce.per_example_gradients(model, s, names_, task.measurement, Xq, yq) @ matrix.numpy().T
+           for s in states]
+    weights = [1.5 / 7.5 / 2] * 2 + [6.0 / 7.5 / 3] * 3
+    expected = sum(w * psi[2 + i] for i, w in enumerate(weights))
+    np.testing.assert_allclose(attr.query_features((Xq, yq)), expected, rtol=1e-8, atol=1e-12)
+    last_segment = np.mean(psi[4:7], axis=0)
+    assert not np.allclose(expected, last_segment, rtol=1e-3)  # the weights matter here
+    reopened = Attributor.open(tmp_path / "q.zarr", model, task, projector=MatrixProjector(matrix))
+    np.testing.assert_allclose(reopened.query_features((Xq, yq)), expected, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(reopened.score((Xq, yq)), attr.score((Xq, yq)), rtol=1e-8, atol=1e-14)
+    other = Attributor.open(tmp_path / "q.zarr", model, task, projector=MatrixProjector(matrix), query="last_segment")
+    np.testing.assert_allclose(other.query_features((Xq, yq)), last_segment, rtol=1e-8, atol=1e-12)
+
+
 def test_stage_of_segments_numbers_runs_of_one_data_set():
     assert stage_of_segments([0, 0, 0]) == [0, 0, 0]
     assert stage_of_segments([0, 0, 1, 1]) == [0, 0, 1, 1]
