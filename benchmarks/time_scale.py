@@ -16,8 +16,9 @@ scenario, measured on the report split). For each it measures, against retrainin
 - **the time sweep**: SOURCE with every segment's time ``η·K`` multiplied by ``c`` (the
   learning rates scaled by ``c`` through :class:`SourceVariant`) under both retraining
   protocols, at each ``--proj-dims`` k (``p``: an identity :class:`MatrixProjector`, no
-  projection at all); IF and TracIn beside it. At the first k also: the other query
-  side (ψ at θ_T, or averaged over the last segment, whichever is not the default) and
+  projection at all); IF and TracIn beside it; and, as "chained", the default before
+  issue 18 (``unroll="segments"``, ψ over the last segment). At the first k also: the
+  other query side (ψ over the last segment instead of the last stage) and
   the same checkpoints cut into other segments (``--layouts``: ``fine``, one checkpoint
   per segment; ``one-segment``, one segment per stage);
 - **the exact derivative of the run that was attributed**: ``d margin_q(θ_T) / d w_m``
@@ -356,14 +357,15 @@ def main() -> None:
                 for protocol in bench.PROTOCOLS:
                     variant = SourceVariant(attributor, scaled(trajectory(protocol), c))
                     scores[f"SOURCE k={label} c={c:g} | {protocol}"] = variant.score(queries)
-                    # The paper's chain of every segment (unroll="segments"), the default before issue 18.
-                    variant = SourceVariant(attributor, scaled(trajectory(protocol), c), unroll="segments")
+                    # The default before issue 18: the paper's chain of every segment, ψ over the last segment.
+                    variant = SourceVariant(attributor, scaled(trajectory(protocol), c), unroll="segments",
+                                            query="last_segment")
                     scores[f"SOURCE k={label} chained c={c:g} | {protocol}"] = variant.score(queries)
             if text == args.proj_dims[0]:
                 scores[f"IF k={label}"] = InfluenceFunction(attributor).score(queries)
                 scores[f"TracIn k={label}"] = TracIn(attributor).score(queries)
-                # The query side: ψ at θ_T instead of the default, averaged over the last segment.
-                other_query = "final" if attributor.query == "last_segment" else "last_segment"
+                # The query side: ψ over the last segment (or at θ_T) instead of the default.
+                other_query = "last_segment" if attributor.query == "last_stage" else "final"
                 for c in args.times:
                     for protocol in bench.PROTOCOLS:
                         variant = SourceVariant(attributor, scaled(trajectory(protocol), c), query=other_query)

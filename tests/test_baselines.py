@@ -221,7 +221,7 @@ def test_bad_inputs_are_refused(setup, tmp_path):
         SourceVariant(s["attr"], no_wd)
     with pytest.raises(ConfigurationError, match="query='mean'"):
         SourceVariant(s["attr"], query="mean")
-    with pytest.raises(ConfigurationError, match=r"query='mean'; choose one of \('final', 'last_segment'\)"):
+    with pytest.raises(ConfigurationError, match=r"query='mean'; choose one of \('final', 'last_segment', 'last_stage'\)"):
         Attributor(s["model"], ClassificationTask(), no_wd, tmp_path / "q.zarr", proj_dim=8, query="mean")
     assert not (tmp_path / "q.zarr").exists()
     model = nn.Sequential(nn.Linear(3, 2)).double()
