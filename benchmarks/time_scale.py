@@ -216,7 +216,9 @@ def decompose(attributor: Attributor, trajectory, queries, masks: np.ndarray, ou
     segment's term split by eigenvalue bands of its Hessian (a·λ), at c = 0.1, 1, 100.
 
     Meant for a k = p store (identity projection), where the eigenvectors are directions
-    of parameter space. ``outputs``: the same-steps ground truth, (S, R, Q).
+    of parameter space. ``outputs``: the same-steps ground truth, (S, R, Q). It takes
+    apart the form it diagnosed, the default before issue 18: every segment chained
+    (``unroll="segments"``), ψ over the last segment.
     """
     from srcproj.source import accumulate_spectrum
 
@@ -226,7 +228,8 @@ def decompose(attributor: Attributor, trajectory, queries, masks: np.ndarray, ou
     layout, found = attributor.layout, {"segments": {}, "bands": {}}
     last = layout.num_segments - 1
     for c in (0.1, 1.0, 100.0):
-        parts = [SourceVariant(attributor, scaled(trajectory("steps"), c), segments=[s]).score(queries)
+        parts = [SourceVariant(attributor, scaled(trajectory("steps"), c), segments=[s], unroll="segments",
+                               query="last_segment").score(queries)
                  for s in range(layout.num_segments)]
         row = {"all": score_lds(sum(parts)), **{f"segment {s}": score_lds(v) for s, v in enumerate(parts)}}
         if len(parts) > 1:
@@ -235,7 +238,7 @@ def decompose(attributor: Attributor, trajectory, queries, masks: np.ndarray, ou
     values, vectors = layout.read_spectrum(last)
     context = attributor.context
     psi = context.measurement_features(context.query_source(queries), 0, len(queries[1]), 64,
-                                       attributor.query).astype(np.float64)
+                                       "last_segment").astype(np.float64)
     members = layout.members(last)
     mean = sum(layout.read_features(c, 0, layout.rows(last)).astype(np.float64) for c in members) / len(members)
     time_ = trajectory("steps").segment_time(last)

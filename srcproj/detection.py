@@ -222,7 +222,7 @@ def detect_mislabeled(attributor: Attributor, detector: str = DEFAULT_DETECTOR, 
     attributor : Attributor
         A featurized attributor of the training run, built with the trajectory:
         ``"mean_loss"`` and TracIn read every checkpoint (a store reopened with
-        :meth:`Attributor.open` keeps only the last segment's).
+        :meth:`Attributor.open` keeps only the last stage's).
     detector : str
         ``"mean_loss"`` (the default: each example's training loss averaged over the
         checkpoints that trained on its data), another of :data:`INDIVIDUAL_DETECTORS`,
@@ -294,7 +294,7 @@ def detect_mislabeled(attributor: Attributor, detector: str = DEFAULT_DETECTOR, 
             hint = "" if "mean_loss" in needed else "; or leave it out of components (e.g. components='used')"
             raise ConfigurationError(
                 f"the mean_loss detector reads every checkpoint that trained on the data, but this Attributor was "
-                f"reopened from its store (Attributor.open), which keeps only the last segment's (checkpoints "
+                f"reopened from its store (Attributor.open), which keeps only the last stage's (checkpoints "
                 f"{missing} are missing): build it with the trajectory, Attributor(model, task, trajectory, "
                 f"store), or choose detector='loss'{hint}")
     computed: dict[str, np.ndarray] = {}

@@ -20,7 +20,7 @@ Layout (``c`` a checkpoint in training order, ``l`` a segment)::
     caches/seg_{l}_done            (n_chunks,)
     caches/{key}/seg_{l}           the caches of another counterfactual setting (e.g. key
     caches/{key}/seg_{l}_done      "same_epochs_0.5"), for the segments of its attributed data set
-    query/ckpt_{c}                 the bytes of a query checkpoint's state (the last segment's)
+    query/ckpt_{c}                 the bytes of a query checkpoint's state (the last stage's)
     query/done                     (n_checkpoints,)
     preconditioner/seg_{l}_scale   (p,) float32 (as the caches) M^{1/2} of the optimizer's preconditioner over the
                                    attributed parameters (runs that have one: Adam, SGD groups

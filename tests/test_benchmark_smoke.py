@@ -164,7 +164,8 @@ def test_time_scale_decomposition_adds_up(tiny_run, tmp_path):
     outputs = np.random.default_rng(0).normal(size=(20, 1, len(run.yq)))
     found = ts.decompose(attributor, trajectory, run.queries, masks, outputs)
     for c in ("0.1", "1", "100"):
-        full = SourceVariant(attributor, ts.scaled(trajectory(), float(c))).score(run.queries)
+        full = SourceVariant(attributor, ts.scaled(trajectory(), float(c)), unroll="segments",
+                             query="last_segment").score(run.queries)
         segments = found["segments"][c]
         assert segments["all"] == pytest.approx(lds(full, masks, outputs, num_bootstrap=1).mean, abs=1e-9)
         assert set(segments) == {"all", "segment 0", "segment 1", "without the last"}
