@@ -83,7 +83,7 @@ from srcproj.eval import draw_subsets, lds, retrain  # noqa: E402
 PROTOCOLS = asc.PROTOCOLS
 DEFAULT = "SOURCE (AdamW default)"  # preconditioner="shared", adam_response="linearized"
 TIME_SCALES = {"SOURCE time ×0.2": 0.2, "SOURCE time ×0.5": 0.5, "SOURCE time ×2": 2.0, "SOURCE time ×5": 5.0}
-CHAINED = "SOURCE, segments chained"  # unroll="segments": the paper's chain of every segment
+CHAINED = "SOURCE, segments chained"  # the default before issue 18: every segment chained, ψ over the last one
 ADAM_METHODS = (DEFAULT, CHAINED, "SOURCE per-segment preconditioner", "SOURCE without optimizer state",
                 "SOURCE fixed second moment", *TIME_SCALES, "IF", "IF (oracle damping)",
                 "Adam TracIn", "TRAK (srcproj)")
@@ -173,7 +173,8 @@ def method_scores(name: str, run: asc.AttributedRun, queries, settings: Settings
                 scores[DEFAULT, protocol] = timed(DEFAULT, lambda v=variant: v.score(queries))
         if CHAINED in methods:
             for protocol in PROTOCOLS:
-                variant = SourceVariant(base, default_trajectory(protocol), unroll="segments")
+                variant = SourceVariant(base, default_trajectory(protocol), unroll="segments",
+                                        query="last_segment")
                 scores[CHAINED, protocol] = timed(CHAINED, lambda v=variant: v.score(queries))
         for label, scale in TIME_SCALES.items():
             if label in methods:

@@ -152,7 +152,7 @@ def method_scores(name: str, scenario: sc.Scenario, seed: int, queries, settings
     selfinf["SOURCE"] = base.self_influence()
     if CHAINED in methods:  # the paper's chain of every segment, from the same store
         for protocol in PROTOCOLS:
-            variant = SourceVariant(base, trajectory(protocol), unroll="segments")
+            variant = SourceVariant(base, trajectory(protocol), unroll="segments", query="last_segment")
             scores[CHAINED, protocol] = timed(CHAINED, lambda v=variant: v.score(queries))
 
     shared = {"IF": lambda: InfluenceFunction(base), "TracIn": lambda: TracIn(base),
@@ -235,7 +235,8 @@ SOURCE_VARIANTS = {
     "SOURCE k=2048": ("default", 2048, "exact", "float16"),
     "SOURCE float32 features": ("default", None, "exact", "float32"),
 }
-CHAINED = "SOURCE, segments chained"  # unroll="segments" (the default before issue 18), from SOURCE's store
+# The default before issue 18 (every segment chained, ψ over the last segment), from SOURCE's store.
+CHAINED = "SOURCE, segments chained"
 ALL_METHODS = ("IF", "TracIn", "TRAK (srcproj)", "TRAK (official)", "RepSim", "Fast-SOURCE", CHAINED,
                "SOURCE last-segment query", *SOURCE_VARIANTS, "SOURCE Kronecker projection")
 
