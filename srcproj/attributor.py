@@ -93,10 +93,11 @@ class Attributor(AttributionMethod):
         ``"stages"`` (the default): consecutive segments that trained on one data set
         are unrolled as one stretch, with their Hessians and gradients averaged by
         time (learning rate); only a change of data set is chained through ``exp(-aH)``.
-        ``"segments"``: every segment is chained, as in the paper. On every benchmark
-        run the stage form scored higher LDS at the default time, and chaining same-data
-        segments is what made SOURCE dip below the influence function (docs/math.md
-        §4, docs/benchmarks.md). It changes only the caches: switching recomputes them.
+        ``"segments"``: every segment is chained, as in the paper. On every single-stage
+        benchmark run the stage form scored higher LDS at the default time, and chaining
+        same-data segments is what made SOURCE dip below the influence function
+        (docs/math.md §1, "Stages"; docs/benchmarks.md). It changes only the caches:
+        switching recomputes them.
     distributed : bool, optional
         ``None`` (default): if a ``torch.distributed`` process group is initialized with
         more than one process (a script started by ``torchrun``), the Attributor is

@@ -11,7 +11,7 @@ from torch import nn
 from srcproj import Attributor, ClassificationTask, MatrixProjector, RegressionTask, Segment, Trajectory
 from srcproj import layout as names
 from srcproj.baselines import SourceVariant
-from srcproj.errors import ConfigurationError
+from srcproj.errors import ConfigurationError, StoreError
 from srcproj.source import (
     SegmentSpectrum,
     accumulate_spectrum,
@@ -168,6 +168,13 @@ def test_last_stage_query_is_the_time_weighted_mean_over_the_last_stage(tmp_path
     np.testing.assert_allclose(reopened.score((Xq, yq)), attr.score((Xq, yq)), rtol=1e-8, atol=1e-14)
     other = Attributor.open(tmp_path / "q.zarr", model, task, projector=MatrixProjector(matrix), query="last_segment")
     np.testing.assert_allclose(other.query_features((Xq, yq)), last_segment, rtol=1e-8, atol=1e-12)
+    # A store from before query="last_stage" saved only the last segment's checkpoints.
+    attr.layout.query_flags()[2] = False
+    older = Attributor.open(tmp_path / "q.zarr", model, task, projector=MatrixProjector(matrix))
+    with pytest.raises(StoreError, match="reopen such a store with query='last_segment'"):
+        older.score((Xq, yq))
+    older = Attributor.open(tmp_path / "q.zarr", model, task, projector=MatrixProjector(matrix), query="last_segment")
+    np.testing.assert_allclose(older.query_features((Xq, yq)), last_segment, rtol=1e-8, atol=1e-12)
 
 
 def test_stage_of_segments_numbers_runs_of_one_data_set():
