@@ -74,7 +74,7 @@ from lds import Timed, _featurized  # noqa: E402
 from paired_lds import paired_difference  # noqa: E402
 
 from srcproj import LanguageModelTask, Segment, Trajectory  # noqa: E402
-from srcproj.baselines import InfluenceFunction, TracIn  # noqa: E402
+from srcproj.baselines import InfluenceFunction, SourceVariant, TracIn  # noqa: E402
 from srcproj.eval import draw_subsets, lds, retrain  # noqa: E402
 from srcproj.text_demo import (  # noqa: E402
     completion_queries,
@@ -292,6 +292,9 @@ def method_scores(seed: int, settings: Settings, picked: np.ndarray, timer: Time
 
     first = attributed[0]
     scores["SOURCE"] = timed("SOURCE", lambda: attributor.score(queries, segments=attributed))
+    # The default before issue 18: every segment chained, ψ over the last segment.
+    scores["SOURCE before issue 18"] = timed("SOURCE before issue 18", lambda: SourceVariant(
+        attributor, segments=attributed, unroll="segments", query="last_segment").score(queries))
     scores["TracIn (Adam)"] = timed("TracIn (Adam)",
                                     lambda: TracIn(attributor, data_segment=first).score(queries))
     scores["IF"] = timed("IF", lambda: InfluenceFunction(attributor, data_segment=first).score(queries))
@@ -328,7 +331,10 @@ def evaluate(settings: Settings, split: str = "report", progress: bool = True, s
                                    "single_ci_queries": single.ci_queries, "ensemble": ensemble.mean,
                                    "ensemble_ci": ensemble.ci_subsets,
                                    "seconds_per_model": timer.seconds.get(key, 0.0) / settings.models}
-    others = [k for k in per_query if k != "SOURCE"]
+    others = [k for k in per_query if not k.startswith("SOURCE")]  # the other methods, not SOURCE's variants
+    before = paired_difference(per_query["SOURCE"], per_query["SOURCE before issue 18"])
+    print(f"SOURCE − SOURCE before issue 18, one model: {before.mean:+.3f} "
+          f"[{before.ci[0]:+.3f}, {before.ci[1]:+.3f}]")
     runner_up = max(others, key=lambda k: table[f"{k} | steps"]["single"])
     d = paired_difference(per_query["SOURCE"], per_query[runner_up])
     e = paired_difference(per_query_ensemble["SOURCE"], per_query_ensemble[runner_up])
