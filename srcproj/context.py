@@ -519,13 +519,14 @@ class AttributionContext:
             return [c for c in range(self.num_checkpoints) if stages[self.segment_of(c)] == stages[-1]]
         return self.members(self.segment_of(final))
 
-    def query_weights(self, mode: str) -> np.ndarray:
+    def query_weights(self, mode: str, times: Sequence[float] | None = None) -> np.ndarray:
         """The weight of each of :meth:`query_checkpoints`' checkpoints in ψ's mean: equal, or
-        for ``"last_stage"`` its segment's time share, ``a_ℓ / (A |C_ℓ|)``, as in the stage's ḡ."""
+        for ``"last_stage"`` its segment's time share, ``a_ℓ / (A |C_ℓ|)``, as in the stage's ḡ
+        (``times``: the segments' times; default: the run's own)."""
         indices = self.query_checkpoints(mode)
         if mode != "last_stage":
             return np.full(len(indices), 1.0 / len(indices))
-        times = self.recorded_segment_times()
+        times = self.recorded_segment_times() if times is None else list(times)
         weights = np.array([times[self.segment_of(c)] / len(self.members(self.segment_of(c))) for c in indices])
         return weights / weights.sum()
 
@@ -641,12 +642,12 @@ class AttributionContext:
         return torch.einsum("bck,bc->bk", projected.to(torch.float64), slopes.to(projected.device, torch.float64))
 
     def measurement_features(self, source: ExampleSource, start: int, stop: int, batch_size: int,
-                             mode: str | Sequence[int]) -> np.ndarray:
+                             mode: str | Sequence[int], times: Sequence[float] | None = None) -> np.ndarray:
         """ψ of rows ``start..stop-1``, averaged over the query checkpoints of ``mode``
-        ("final", "last_segment", "last_stage": :meth:`query_weights`) or, equally, over the
-        given checkpoint indices."""
+        ("final", "last_segment", "last_stage": :meth:`query_weights`, with the segment
+        ``times`` given, default the run's) or, equally, over the given checkpoint indices."""
         if isinstance(mode, str):
-            indices, weights = self.query_checkpoints(mode), self.query_weights(mode)
+            indices, weights = self.query_checkpoints(mode), self.query_weights(mode, times)
         else:
             indices = list(mode)
             weights = np.full(len(indices), 1.0 / len(indices))

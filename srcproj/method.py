@@ -237,10 +237,10 @@ class Source(AttributionMethod):
     def query_side(self, queries: Any, batch_size: int = 64) -> Queries:
         ctx = self.context
         source = ctx.query_source(queries)
-        return Queries(lambda start, stop: ctx.measurement_features(source, start, stop, batch_size, self.query),
-                       len(source))
+        return Queries(lambda start, stop: ctx.measurement_features(source, start, stop, batch_size, self.query,
+                                                                    self.times), len(source))
 
     def self_query_side(self, batch_size: int = 64) -> BlockReader:
         ctx = self.context
         source = ctx.source(self.segments[0])
-        return lambda start, stop: ctx.measurement_features(source, start, stop, batch_size, self.query)
+        return lambda start, stop: ctx.measurement_features(source, start, stop, batch_size, self.query, self.times)

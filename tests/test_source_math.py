@@ -163,6 +163,12 @@ def test_last_stage_query_is_the_time_weighted_mean_over_the_last_stage(tmp_path
     np.testing.assert_allclose(attr.query_features((Xq, yq)), expected, rtol=1e-8, atol=1e-12)
     last_segment = np.mean(psi[4:7], axis=0)
     assert not np.allclose(expected, last_segment, rtol=1e-3)  # the weights matter here
+    # SourceVariant with other rates weighs ψ with its own times: a = 3.0 and 6.0 here.
+    faster = Trajectory([Segment(s.checkpoints, s.steps, lr, s.data) for s, lr in
+                         zip(traj.segments, (0.1, 0.1, [0.3] * 20), strict=True)], weight_decay=0.01)
+    reweighted = sum(w * psi[2 + i] for i, w in enumerate([3.0 / 9.0 / 2] * 2 + [6.0 / 9.0 / 3] * 3))
+    np.testing.assert_allclose(SourceVariant(attr, faster).query_side((Xq, yq)).read(0, 3), reweighted,
+                               rtol=1e-8, atol=1e-12)
     reopened = Attributor.open(tmp_path / "q.zarr", model, task, projector=MatrixProjector(matrix))
     np.testing.assert_allclose(reopened.query_features((Xq, yq)), expected, rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(reopened.score((Xq, yq)), attr.score((Xq, yq)), rtol=1e-8, atol=1e-14)
