@@ -168,3 +168,40 @@ def stage_source_scores(model, task, segments, weight_decay, momentum, query, se
     psi = per_example_gradients(model, final, names, task.measurement, *query)
     used = sorted({stages.index(segments[i]["stage"]) for i in selected})
     return -psi @ chained(forgets, terms, used)
+
+
+def preconditioned_stage_scores(model, task, segments, scales, decays, stages, selected, query) -> np.ndarray:
+    """Adam's SOURCE with stages (``unroll="stages"``) in full parameter space: with
+    S_ℓ = diag(scales[ℓ]), a stage s unrolls over A_s = Σ a_ℓ with
+
+        H̃_s = Σ_ℓ a_ℓ (mean_c S_ℓ H(θ_c) S_ℓ + δ_ℓ I) / A_s,   E_s = expm(-A_s H̃_s),  F_s = (I - E_s) H̃_s⁻¹,
+
+    and segment ℓ's term is F_s a_ℓ mean_c(S_ℓ ∇L(θ_c)) / (A_s N), carried through the
+    later stages' E. ψ = S_L ∇f at the final checkpoint. ``stages``: one int per segment.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    order = sorted(set(stages))
+    totals = {s: sum(seg["time_lr"] for seg, t in zip(segments, stages, strict=True) if t == s) for s in order}
+    hessians = {s: 0.0 for s in order}
+    for seg, scale, decay, stage in zip(segments, scales, decays, stages, strict=True):
+        S = np.diag(scale)
+        mean = np.mean([S @ gauss_newton(model, st, names, task, seg["X"], seg["y"]) @ S for st in seg["states"]],
+                       axis=0)
+        hessians[stage] = hessians[stage] + seg["time_lr"] / totals[stage] * (mean + decay * np.eye(len(mean)))
+    forgets, accumulates = [], []
+    for s in order:
+        forget, accumulate = segment_matrices(hessians[s], totals[s])
+        forgets.append(forget)
+        accumulates.append(accumulate)
+    terms = [0.0] * len(order)
+    for index in selected:
+        seg, scale, stage = segments[index], scales[index], stages[index]
+        gbar = np.mean([per_example_gradients(model, st, names, task.loss, seg["X"], seg["y"]) * scale
+                        for st in seg["states"]], axis=0)
+        position = order.index(stage)
+        terms[position] = terms[position] + accumulates[position] @ (
+            seg["time_lr"] / totals[stage] * gbar.T) / seg["X"].shape[0]
+    final = segments[-1]["states"][-1]
+    psi = per_example_gradients(model, final, names, task.measurement, *query) * scales[-1]
+    used = sorted({order.index(stages[i]) for i in selected})
+    return -psi @ chained(forgets, terms, used)
