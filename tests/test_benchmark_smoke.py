@@ -74,10 +74,10 @@ def test_language_model_lds_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     entry = json.loads((tmp_path / "lm.json").read_text())["scenarios"]["lm"]
     methods = {key.split(" | ")[0] for key in entry["lds"]}
-    assert methods == {"SOURCE", "TracIn (Adam)", "IF", "BM25", "character 4-gram overlap"}
+    assert methods == {"SOURCE", "SOURCE before issue 18", "TracIn (Adam)", "IF", "BM25", "character 4-gram overlap"}
     for row in entry["lds"].values():
         assert -1.0 <= row["single"] <= 1.0 and row["single_ci"][0] <= row["single_ci"][1]
-    assert entry["source_vs_runner_up"]["steps"]["other"] in methods - {"SOURCE"}
+    assert entry["source_vs_runner_up"]["steps"]["other"] in methods - {"SOURCE", "SOURCE before issue 18"}
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 8  # 8 subsets × 1 seed
     assert "| SOURCE |" in (tmp_path / "lm.md").read_text()
 
