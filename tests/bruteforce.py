@@ -143,31 +143,11 @@ def stage_source_scores(model, task, segments, weight_decay, momentum, query, se
     segment ℓ's term is the stage's, S_later F_stage, applied to a_ℓ ḡ_ℓ / (A N).
     ``segments`` as for :func:`source_scores`, each also with ``stage`` (an int).
     """
-    names = [n for n, _ in model.named_parameters()]
-    stages = sorted({seg["stage"] for seg in segments})
-    forgets, accumulates, totals = [], [], []
-    for stage in stages:
-        members = [seg for seg in segments if seg["stage"] == stage]
-        times = [seg["time_lr"] / (1 - momentum) for seg in members]
-        hessian = sum(t * np.mean([gauss_newton(model, s, names, task, seg["X"], seg["y"]) for s in seg["states"]],
-                                  axis=0) for t, seg in zip(times, members, strict=True)) / sum(times)
-        hessian = hessian + weight_decay * np.eye(len(hessian))
-        forget, accumulate = segment_matrices(hessian, sum(times))
-        forgets.append(forget)
-        accumulates.append(accumulate)
-        totals.append(sum(times))
-    terms = [0.0] * len(stages)
-    for index in selected:
-        seg = segments[index]
-        stage = stages.index(seg["stage"])
-        gbar = np.mean([per_example_gradients(model, s, names, task.loss, seg["X"], seg["y"]) for s in seg["states"]],
-                       axis=0)
-        weight = seg["time_lr"] / (1 - momentum) / totals[stage]
-        terms[stage] = terms[stage] + accumulates[stage] @ (weight * gbar.T) / seg["X"].shape[0]
-    final = segments[-1]["states"][-1]
-    psi = per_example_gradients(model, final, names, task.measurement, *query)
-    used = sorted({stages.index(segments[i]["stage"]) for i in selected})
-    return -psi @ chained(forgets, terms, used)
+    timed = [{**seg, "time_lr": seg["time_lr"] / (1 - momentum)} for seg in segments]  # the heavy-ball gain
+    p = sum(v.numel() for v in model.parameters())
+    return preconditioned_stage_scores(model, task, timed, [np.ones(p)] * len(segments),
+                                       [weight_decay] * len(segments), [seg["stage"] for seg in segments],
+                                       selected, query)
 
 
 def preconditioned_stage_scores(model, task, segments, scales, decays, stages, selected, query) -> np.ndarray:
